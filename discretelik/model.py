@@ -1,0 +1,166 @@
+"""A backbone and a head composed into one autoregressive image model, and ``build``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_int, check_integer_dtype, check_levels, check_ndim, check_tensor
+from .backbones.base import Backbone, Conditioning
+from .heads.base import DiscreteImageDistribution, Head
+from .metrics import bits_per_dim
+from .registry import create_backbone, create_head, get_backbone, get_head
+
+__all__ = ["AutoregressiveModel", "build"]
+
+
+class AutoregressiveModel(nn.Module):
+    """An autoregressive model ``p(x) = prod_i p(x_i | x_<i)`` over integer images.
+
+    The backbone turns the (scaled) image into features, the head turns features into a
+    distribution. Build one with [`build`][discretelik.build].
+
+    Args:
+        backbone: A [`Backbone`][discretelik.Backbone] with ``in_channels == head.channels``.
+        head: A [`Head`][discretelik.Head] whose ``in_channels`` equals ``backbone.out_channels``.
+    """
+
+    def __init__(self, backbone: Backbone, head: Head) -> None:
+        super().__init__()
+        if backbone.in_channels != head.channels:
+            raise ValueError(
+                f"backbone.in_channels ({backbone.in_channels}) must equal head.channels "
+                f"({head.channels})"
+            )
+        if head.in_channels != backbone.out_channels:
+            raise ValueError(
+                f"head.in_channels ({head.in_channels}) must equal backbone.out_channels "
+                f"({backbone.out_channels})"
+            )
+        if backbone.channel_groups != head.feature_groups:
+            raise ValueError(
+                f"backbone.channel_groups ({backbone.channel_groups}) must equal "
+                f"head.feature_groups ({head.feature_groups})"
+            )
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def channels(self) -> int:
+        """Image channels ``C``."""
+        return self.head.channels
+
+    @property
+    def bins(self) -> int:
+        """Levels per sub-pixel."""
+        return self.head.bins
+
+    def check_image(self, x: Tensor, name: str = "x") -> None:
+        """Validate an integer image ``(B, C, H, W)`` with levels in ``[0, bins - 1]``."""
+        check_tensor(x, name)
+        check_integer_dtype(x, name)
+        check_ndim(x, 4, name, "(B, C, H, W)")
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"{name} must have {self.channels} channels, got shape {tuple(x.shape)}"
+            )
+        check_levels(x, self.bins, name)
+
+    def scale(self, x: Tensor) -> Tensor:
+        """Map integer levels ``(B, C, H, W)`` to float32 in ``[-1, 1]`` (level 0 -> -1)."""
+        return x.float() * (2.0 / (self.bins - 1)) - 1.0
+
+    def params(self, x: Tensor, cond: Conditioning = None) -> Tensor:
+        """Raw head parameters ``(B, head.param_channels, H, W)`` for integer images ``x``."""
+        self.check_image(x)
+        return self.head.params(self.backbone(self.scale(x), cond))
+
+    def forward(self, x: Tensor, cond: Conditioning = None) -> DiscreteImageDistribution:
+        """The model's distribution given integer images ``x`` ``(B, C, H, W)``.
+
+        Args:
+            x: Integer levels in ``[0, bins - 1]``; the distribution's parameters at pixel
+                ``(i, j)`` depend only on the pixels of ``x`` before it (and on earlier channels
+                of the same pixel where the head allows it).
+            cond: Optional conditioning (see [`Conditioning`][discretelik.Conditioning]).
+
+        Returns:
+            A distribution with ``batch_shape (B,)`` and ``event_shape (C, H, W)``.
+        """
+        return self.head.distribution(self.params(x, cond))
+
+    def log_prob(self, x: Tensor, cond: Conditioning = None) -> Tensor:
+        """Log-likelihood (nats) of each image, float32 ``(B,)``."""
+        return self.forward(x, cond).log_prob(x)
+
+    def bits_per_dim(self, x: Tensor, cond: Conditioning = None) -> Tensor:
+        """Negative log-likelihood in bits per sub-pixel of each image, float32 ``(B,)``."""
+        return bits_per_dim(self.log_prob(x, cond), x.shape[1:])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        image_shape: tuple[int, ...],
+        cond: Conditioning = None,
+        known: tuple[Tensor, Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Raster-order ancestral sampling; see [`sample_raster`][discretelik.sample_raster]."""
+        from .sampling import sample_raster
+
+        return sample_raster(self, n, image_shape, cond=cond, known=known, generator=generator)
+
+
+def build(
+    backbone: str,
+    head: str = "dlm",
+    *,
+    channels: int = 3,
+    bins: int = 256,
+    preset: str | None = None,
+    head_kwargs: Mapping[str, Any] | None = None,
+    **backbone_kwargs: Any,
+) -> AutoregressiveModel:
+    """Compose any registered backbone with any registered head.
+
+    Args:
+        backbone: Registered backbone name (see [`list_backbones`][discretelik.list_backbones]).
+        head: Registered head name (see [`list_heads`][discretelik.list_heads]).
+        channels: Image channels ``C``.
+        bins: Levels per sub-pixel (256 for 8-bit images).
+        preset: Backbone preset, e.g. ``"tiny"`` or ``"paper"``.
+        head_kwargs: Extra head options, e.g. ``{"mixtures": 5}``.
+        **backbone_kwargs: Backbone config overrides; ``None`` values are dropped.
+
+    Returns:
+        The composed model. When both the backbone and the head support ordered channel groups
+        (e.g. ``"pixelcnn"`` + ``"softmax"``) the backbone is built with ``channel_groups =
+        channels`` so that G depends on R and B on R and G within a pixel; otherwise the
+        backbone conditions on whole previous pixels only.
+
+    Example:
+        >>> model = build("pixelcnn++", "dlm", preset="tiny")
+        >>> x = torch.randint(0, 256, (2, 3, 8, 8))
+        >>> model.bits_per_dim(x).shape
+        torch.Size([2])
+    """
+    check_int(channels, "channels", 1)
+    check_int(bins, "bins", 2)
+    head_cls = get_head(head)
+    backbone_cls = get_backbone(backbone)
+    grouped = (
+        channels > 1
+        and getattr(head_cls, "supports_channel_groups", False)
+        and getattr(backbone_cls, "supports_channel_groups", False)
+    )
+    if grouped:
+        backbone_kwargs.setdefault("channel_groups", channels)
+    net = create_backbone(backbone, preset=preset, in_channels=channels, **backbone_kwargs)
+    kwargs = dict(head_kwargs or {})
+    kwargs.update(channels=channels, bins=bins, in_channels=net.out_channels)
+    if net.channel_groups != 1:
+        kwargs["feature_groups"] = net.channel_groups
+    return AutoregressiveModel(net, create_head(head, **kwargs))
