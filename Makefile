@@ -1,0 +1,33 @@
+# Two entry points that work on a fresh machine (CPU, PyPI only):
+#   make demo  - create .venv, install, train a small PixelCNN++ + DLM head on the bundled data
+#   make test  - create .venv, install, run the whole test suite
+# torch is pinned here (the CPU build that our machines hold); pyproject keeps the loose range.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test docs serve-docs clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test,docs,train]"
+	touch $@
+
+demo: setup
+	$(PY) examples/train_cifar10.py
+
+test: setup
+	$(PY) -m pytest -q
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+serve-docs: setup
+	$(VENV)/bin/mkdocs serve
+
+clean:
+	rm -rf $(VENV) site runs .pytest_cache .hypothesis
