@@ -8,7 +8,7 @@ Architecture (table 2 of the paper)::
     x (B, C, H, W) in [-1, 1]
       -> 7x7 convolution, mask A                                   (B, 2h, H, W)
       -> n_layers x [Row LSTM | Diagonal BiLSTM] with residual     (B, 2h, H, W)
-      -> ReLU -> 1x1 conv, mask B -> ReLU -> 1x1 conv, mask B      (B, out_channels, H, W)
+      -> ReLU -> 1x1 conv, mask B -> ReLU                         (B, out_channels, H, W)
 
 Each residual block follows section 3.4: the LSTM reads the ``2h`` input features and returns
 ``h`` features, a 1x1 convolution (mask B) maps them back to ``2h`` and the block's input is
@@ -27,18 +27,23 @@ architecture shares: the last pixel of the previous row, ``(i - 1, W - 1)``, rea
 ``(i, j)`` only through the 7x7 input convolution, i.e. only when ``j >= W - 4``, because
 every later layer at an earlier position must not see that pixel's own value.
 
-Departures from the paper: the paper uses no class conditioning; here ``num_classes`` adds a
-learned per-class bias (zero at init) to every LSTM layer's gate pre-activations, as
-conditional PixelCNN does. The width of the two output 1x1 convolutions is ``out_channels``
-(the head's own 1x1 projection then produces the distribution parameters, e.g. the paper's
-256-way softmax logits). See [`discretelik.nn.recurrent`][discretelik.nn.RowLSTM] for the LSTM
-details (tanh content gate, forget bias 1, both BiLSTM directions in one loop).
+Departures from the paper:
+
+* The paper ends with two "ReLU + 1x1 conv, mask B" layers and a 256-way softmax. The backbone
+  keeps the first (to ``out_channels`` features) and ends with the ReLU; the head's own 1x1
+  projection is the second, so any head can sit on top (as in the ``"pixelcnn"`` backbone).
+* ``channel_groups=1`` (whole previous pixels only, for heads that model a pixel's channels
+  jointly) is not in the paper.
+* The paper has no class conditioning; ``num_classes`` adds a learned per-class bias (zero at
+  init) to every LSTM layer's gate pre-activations, as the conditional PixelCNN does.
+* LSTM details (tanh content gate, forget-gate bias 1, both BiLSTM directions in one loop)
+  are listed in [`discretelik.nn.recurrent`][discretelik.nn.RowLSTM].
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from torch import Tensor, nn
 
@@ -59,29 +64,47 @@ __all__ = [
 
 @dataclass
 class DiagonalBiLSTMConfig:
-    """Configuration of the ``"diagonal_bilstm"`` backbone."""
+    """Options of the ``"diagonal_bilstm"`` backbone; the defaults are the ``"paper"`` preset.
 
-    in_channels: int = 3  # image channels C
-    hidden_channels: int = 126  # LSTM units h; the residual stream has 2h channels
-    n_layers: int = 12  # recurrent layers, each with a residual connection
-    out_channels: int = 252  # features handed to the head
-    channel_groups: int = 1  # 1 or C (R -> G -> B ordering, set by build() for "softmax")
-    num_classes: int | None = None  # class-conditional when set: labels (B,) int64 in cond
+    Attributes:
+        in_channels: Image channels ``C`` (3 for RGB, 1 for grey).
+        hidden_channels: LSTM units ``h`` per layer (and per direction); the residual stream
+            between layers has ``2h`` channels, as in the paper's section 3.4.
+        n_layers: Number of recurrent layers, each with a residual connection.
+        out_channels: Feature channels handed to the head.
+        channel_groups: ``1`` (features see whole previous pixels only) or ``in_channels``
+            (``C`` ordered feature blocks; block ``c`` also sees channels ``< c`` of the current
+            pixel). ``build()`` picks ``in_channels`` for heads that support it (``"softmax"``).
+        num_classes: Number of classes for class-conditional modelling (labels ``(B,)`` int64
+            as ``cond``), or ``None``.
+    """
+
+    in_channels: int = 3
+    hidden_channels: int = 129
+    n_layers: int = 12
+    out_channels: int = 1026
+    channel_groups: int = 1
+    num_classes: int | None = None
 
 
 @dataclass
 class RowLSTMConfig(DiagonalBiLSTMConfig):
-    """Configuration of the ``"row_lstm"`` backbone."""
+    """Options of the ``"row_lstm"`` backbone: those of the Diagonal BiLSTM config, and
 
-    kernel_size: int = 3  # width k of the 1 x k input-to-state and the k state-to-state kernels
+    Attributes:
+        kernel_size: Odd width ``k`` of the ``1 x k`` input-to-state kernel and of the
+            state-to-state kernel over the previous row (3 in the paper). It sets how fast the
+            triangular receptive field widens: ``k // 2`` pixels per side per row.
+    """
+
+    kernel_size: int = 3
 
 
-# h = 126, not the paper's 128: with the softmax head every feature map splits into three
-# colour groups, and 126 is the nearest width divisible by 3 (and by 2, for 2-channel data).
-# The paper's CIFAR-10 / ImageNet 32x32 models have 12 layers; out_channels = 2h is our choice
-# (the paper does not give the width of its output convolutions).
+# "paper": 12 layers as in the paper's CIFAR-10 PixelRNNs. h = 129, not the paper's 128: with
+# the softmax head every feature map splits into three colour groups, so widths must divide by
+# 3 (the same choice as the "pixelcnn" preset, which also uses 1026 output features).
 PRESETS: dict[str, dict[str, int]] = {
-    "paper": dict(hidden_channels=126, n_layers=12, out_channels=252),
+    "paper": dict(hidden_channels=129, n_layers=12, out_channels=1026),
     # Enough to learn something on the bundled 28x28 / 32x32 subsets on a CPU in minutes.
     "small": dict(hidden_channels=24, n_layers=2, out_channels=48),
     # Divisible by 3 colour groups and fast: for tests.
@@ -115,6 +138,8 @@ class PixelRNN(Backbone):
 
     Args:
         config: The subclass's config dataclass.
+        make_lstm: Returns a new LSTM layer, ``(B, 2h, H, W) -> (B, h, H, W)``; called once
+            per layer, after the config has been checked.
 
     Shapes:
         ``x`` float ``(B, in_channels, H, W)`` in ``[-1, 1]`` -> float
@@ -128,7 +153,7 @@ class PixelRNN(Backbone):
 
     supports_channel_groups: ClassVar[bool] = True
 
-    def __init__(self, config: RowLSTMConfig | DiagonalBiLSTMConfig) -> None:
+    def __init__(self, config: DiagonalBiLSTMConfig, make_lstm: Callable[[], nn.Module]) -> None:
         super().__init__()
         cfg = config
         self.in_channels = check_int(cfg.in_channels, "in_channels", 1)
@@ -154,14 +179,14 @@ class PixelRNN(Backbone):
 
         self.input_conv = MaskedConv2d(cfg.in_channels, 2 * hidden, 7, "A", groups=groups)
         self.layers = nn.ModuleList(
-            _ResidualLSTM(self._lstm(cfg), hidden, groups, cfg.num_classes)
+            _ResidualLSTM(make_lstm(), hidden, groups, cfg.num_classes)
             for _ in range(cfg.n_layers)
         )
+        # The paper's first output layer; the head's projection is its second.
         self.output = nn.Sequential(
             nn.ReLU(),
             MaskedConv2d(2 * hidden, cfg.out_channels, 1, "B", groups=groups),
             nn.ReLU(),
-            MaskedConv2d(cfg.out_channels, cfg.out_channels, 1, "B", groups=groups),
         )
 
     def forward(self, x: Tensor, cond: Conditioning = None) -> Tensor:
@@ -185,10 +210,6 @@ class PixelRNN(Backbone):
         return self.output(h)
 
 
-    def _lstm(self, cfg: DiagonalBiLSTMConfig) -> nn.Module:  # pragma: no cover
-        raise NotImplementedError
-
-
 # Registered as classes (not factory functions) so that build() can read
 # supports_channel_groups from the registered object.
 @register_backbone("row_lstm", config=RowLSTMConfig, presets=PRESETS)
@@ -200,11 +221,8 @@ class RowLSTMBackbone(PixelRNN):
     """
 
     def __init__(self, config: RowLSTMConfig) -> None:
-        super().__init__(config)
-
-    def _lstm(self, cfg: DiagonalBiLSTMConfig) -> nn.Module:
-        kernel = getattr(cfg, "kernel_size", 3)
-        return RowLSTM(2 * cfg.hidden_channels, cfg.hidden_channels, kernel, cfg.channel_groups)
+        width, groups = config.hidden_channels, config.channel_groups
+        super().__init__(config, lambda: RowLSTM(2 * width, width, config.kernel_size, groups))
 
 
 @register_backbone("diagonal_bilstm", config=DiagonalBiLSTMConfig, presets=PRESETS)
@@ -216,7 +234,5 @@ class DiagonalBiLSTMBackbone(PixelRNN):
     """
 
     def __init__(self, config: DiagonalBiLSTMConfig) -> None:
-        super().__init__(config)
-
-    def _lstm(self, cfg: DiagonalBiLSTMConfig) -> nn.Module:
-        return DiagonalBiLSTM(2 * cfg.hidden_channels, cfg.hidden_channels, cfg.channel_groups)
+        width, groups = config.hidden_channels, config.channel_groups
+        super().__init__(config, lambda: DiagonalBiLSTM(2 * width, width, groups))
