@@ -1,0 +1,799 @@
+"""Checks that any likelihood head meets the head/distribution contract.
+
+Every check takes a [`Head`][discretelik.Head] instance (a built-in one, or a plugin's) and uses
+only the public contract: ``head.channels``, ``head.bins``, ``head.in_channels``,
+``head.param_channels``, ``head(features)``, ``head.distribution(params, validate_args=)`` and,
+on the distribution, ``log_prob``, ``elementwise_log_prob``, ``sample(sample_shape,
+generator=)``, ``mean``, ``expand``, ``batch_shape``, ``event_shape`` and ``support``.
+
+A failed check raises ``AssertionError`` with a message that says what was expected and what
+was found; a bad argument to a check raises ``ValueError``. Our own test-suite runs these on
+every registered head:
+
+```python
+from discretelik import create_head
+from discretelik.testing.heads import check_head_contract, check_head_normalization
+
+head = create_head("my_head", channels=3, bins=8)
+check_head_contract(head)
+check_head_normalization(head)
+```
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, constraints
+
+__all__ = [
+    "check_channel_groups",
+    "check_head_contract",
+    "check_head_finite",
+    "check_head_mean",
+    "check_head_normalization",
+    "check_samples_match_log_prob",
+    "check_sampling_matches_log_prob",
+    "enumerate_levels",
+]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _device(head: torch.nn.Module) -> torch.device:
+    param = next(head.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _random_params(
+    head: torch.nn.Module, shape: tuple[int, int, int], scale: float, seed: int
+) -> Tensor:
+    """Raw parameters ``(N, P, H, W)``, standard normal times ``scale`` (float32)."""
+    n, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    params = torch.randn(n, head.param_channels, h, w, generator=gen) * scale
+    return params.to(_device(head))
+
+
+def _as_params(head: torch.nn.Module, params: Tensor | None, seed: int) -> Tensor:
+    if params is None:
+        return _random_params(head, (3, 1, 1), 3.0, seed)
+    if not isinstance(params, Tensor) or params.dim() != 4:
+        raise ValueError(
+            "params must be a tensor (N, param_channels, H, W), got "
+            f"{tuple(params.shape) if isinstance(params, Tensor) else type(params).__name__}"
+        )
+    if params.shape[1] != head.param_channels:
+        raise ValueError(
+            f"params must have head.param_channels={head.param_channels} channels, "
+            f"got shape {tuple(params.shape)}"
+        )
+    return params
+
+
+def _check_outcomes(head: torch.nn.Module, max_outcomes: int) -> int:
+    outcomes = head.bins**head.channels
+    if outcomes > max_outcomes:
+        raise ValueError(
+            f"enumerating bins**channels = {head.bins}**{head.channels} = {outcomes} outcomes "
+            f"exceeds max_outcomes={max_outcomes}; use a head with fewer bins or channels"
+        )
+    return outcomes
+
+
+def enumerate_levels(channels: int, bins: int, device: torch.device | str = "cpu") -> Tensor:
+    """Every value of one pixel, ``int64`` ``(bins**channels, channels)``, in lexicographic order.
+
+    Channel 0 varies slowest, so row ``r`` holds the base-``bins`` digits of ``r``.
+    """
+    axes = [torch.arange(bins, device=device)] * channels
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, channels)
+
+
+def _expect_error(
+    errors: type[Exception] | tuple[type[Exception], ...],
+    fragments: Sequence[str],
+    fn: Callable[[], object],
+    what: str,
+) -> None:
+    """Assert that ``fn()`` raises ``errors`` with a message containing every fragment."""
+    names = errors.__name__ if isinstance(errors, type) else "/".join(e.__name__ for e in errors)
+    try:
+        fn()
+    except errors as err:
+        missing = [f for f in fragments if f not in str(err)]
+        if missing:
+            raise AssertionError(
+                f"{what}: the {type(err).__name__} message should mention {missing} (the "
+                f"argument, what was expected and what was received), got: {str(err)!r}"
+            ) from err
+        return
+    except Exception as err:  # noqa: BLE001  (any other error is the failure we report)
+        raise AssertionError(f"{what}: expected {names}, got {type(err).__name__}: {err}") from err
+    raise AssertionError(f"{what}: expected {names}, but nothing was raised")
+
+
+def _close(actual: Tensor, expected: Tensor, what: str, atol: float, rtol: float = 0.0) -> None:
+    try:
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, check_dtype=False)
+    except AssertionError as err:
+        raise AssertionError(f"{what}\n{err}") from None
+
+
+def _joint_log_probs(dist: Distribution, channels: int, bins: int, device: torch.device) -> Tensor:
+    """``elementwise_log_prob`` of every pixel value: float64 ``(bins**C, N, C, H, W)``."""
+    n, _, h, w = dist.batch_shape + dist.event_shape
+    grid = enumerate_levels(channels, bins, device)  # (M, C)
+    values = grid[:, None, :, None, None].expand(-1, n, -1, h, w)  # (M, N, C, H, W)
+    elp = dist.elementwise_log_prob(values)
+    if tuple(elp.shape) != tuple(values.shape):
+        raise AssertionError(
+            f"elementwise_log_prob must return the value's shape {tuple(values.shape)}, "
+            f"got {tuple(elp.shape)}"
+        )
+    if torch.isnan(elp).any() or (elp > 1e-6).any():
+        bad = elp[torch.isnan(elp) | (elp > 1e-6)]
+        raise AssertionError(
+            f"log-probabilities must be <= 0 and not NaN, found {bad[:5].tolist()} "
+            f"({bad.numel()} of {elp.numel()} entries)"
+        )
+    return elp.detach().double()
+
+
+# -- checks ----------------------------------------------------------------------------------
+def check_head_normalization(
+    head: torch.nn.Module,
+    params: Tensor | None = None,
+    *,
+    atol: float = 1e-5,
+    seed: int = 0,
+    max_outcomes: int = 4096,
+) -> None:
+    """Check that the head's distribution sums to one, jointly and channel by channel.
+
+    Enumerates every value of a pixel (``bins**C`` of them) and checks, at every pixel of every
+    parameter set:
+
+    * ``sum_x exp(log p(x)) == 1`` within ``atol`` (``log p(x)`` = the channel sum of
+      ``elementwise_log_prob``), and no log-probability is NaN or positive;
+    * ``elementwise_log_prob`` of channel ``c`` does not depend on channels ``> c`` (it is
+      ``log p(x_c | x_<c)``), and sums to one over ``x_c`` for every ``x_<c``.
+
+    Args:
+        head: The head; its projection is bypassed (``head.distribution(params)``).
+        params: Raw parameters ``(N, head.param_channels, H, W)``; ``None`` draws three random
+            single-pixel sets (standard normal times 3, seeded by ``seed``).
+        atol: Tolerance on each total probability.
+        seed: Seed for the default ``params``.
+        max_outcomes: Refuse (``ValueError``) heads with more than this many pixel values.
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    _check_outcomes(head, max_outcomes)
+    params = _as_params(head, params, seed)
+    channels, bins = head.channels, head.bins
+    elp = _joint_log_probs(head.distribution(params), channels, bins, params.device)
+    lp = elp.reshape(*(bins,) * channels, *elp.shape[1:])  # (K,)*C + (N, C, H, W)
+    for c in range(channels):
+        own = lp.select(channels + 1, c)  # (K,)*C + (N, H, W)
+        ref = own
+        for later in range(c + 1, channels):
+            ref = ref.narrow(later, 0, 1)  # the value with x_later = 0
+        _close(
+            own,
+            ref.expand_as(own),
+            f"elementwise_log_prob of channel {c} must not depend on channels > {c} "
+            "(it is log p(x_c | x_<c))",
+            atol=1e-5,
+            rtol=1e-5,
+        )
+        cond = ref.logsumexp(dim=c).exp()
+        cerr = (cond - 1).abs()
+        if not bool(cerr.max() <= atol):
+            raise AssertionError(
+                f"the conditional of channel {c} must sum to 1 over its {bins} levels for every "
+                f"value of channels < {c}; worst total {float(cond.flatten()[cerr.argmax()]):.9g}"
+            )
+    total = elp.sum(dim=2).logsumexp(dim=0).exp()  # (N, H, W)
+    err = (total - 1).abs()
+    if not bool(err.max() <= atol):
+        worst = np.unravel_index(int(err.argmax()), tuple(err.shape))
+        raise AssertionError(
+            f"probabilities over all {bins}**{channels} pixel values must sum to 1 within "
+            f"{atol}; at (parameter set, i, j) = {tuple(int(i) for i in worst)} they sum to "
+            f"{float(total[worst]):.9g}"
+        )
+
+
+def check_head_mean(
+    head: torch.nn.Module,
+    params: Tensor | None = None,
+    *,
+    atol: float | None = None,
+    seed: int = 0,
+    max_outcomes: int = 4096,
+) -> None:
+    """Check that ``dist.mean`` is the expected level ``E[x_c]`` under ``log_prob``.
+
+    The reference is computed by enumerating every pixel value: ``E[x_c] = sum_x x_c p(x)``
+    (the marginal mean of channel ``c``, whatever the coupling between channels).
+
+    Args:
+        head: The head; its projection is bypassed.
+        params: Raw parameters ``(N, head.param_channels, H, W)``; ``None`` draws three random
+            single-pixel sets.
+        atol: Absolute tolerance; ``None`` means ``1e-4 * (bins - 1)``.
+        seed: Seed for the default ``params``.
+        max_outcomes: Refuse (``ValueError``) heads with more than this many pixel values.
+
+    Raises:
+        AssertionError: ``mean`` has the wrong shape or differs from the enumerated mean.
+    """
+    _check_outcomes(head, max_outcomes)
+    params = _as_params(head, params, seed)
+    dist = head.distribution(params)
+    elp = _joint_log_probs(dist, head.channels, head.bins, params.device)  # (M, N, C, H, W)
+    prob = elp.sum(dim=2).exp()  # (M, N, H, W)
+    prob = prob / prob.sum(dim=0)
+    grid = enumerate_levels(head.channels, head.bins, prob.device).double()  # (M, C)
+    expected = torch.einsum("mnhw,mc->nchw", prob, grid)
+    mean = dist.mean
+    if tuple(mean.shape) != tuple(expected.shape) or not mean.is_floating_point():
+        raise AssertionError(
+            f"mean must be a float tensor of shape batch_shape + event_shape "
+            f"{tuple(expected.shape)}, got {mean.dtype} {tuple(mean.shape)}"
+        )
+    tol = 1e-4 * (head.bins - 1) if atol is None else atol
+    _close(mean.detach().double(), expected, "mean must equal sum_x x_c p(x)", atol=tol)
+
+
+def check_samples_match_log_prob(
+    dist: Distribution,
+    samples: Tensor,
+    *,
+    p_threshold: float = 1e-4,
+    min_expected: float = 5.0,
+    max_outcomes: int = 4096,
+) -> float:
+    """Chi-square goodness-of-fit test of ``samples`` against a one-pixel ``dist``.
+
+    The ``bins**C`` joint pixel values are the cells; their expected counts come from
+    ``exp(dist.log_prob(x))``. Cells with expected count below ``min_expected`` are merged into
+    one (and that one into the smallest other cell if it is still too small), so the chi-square
+    approximation holds. A sample in a value of probability zero fails at once.
+
+    Args:
+        dist: A distribution with one pixel: ``batch_shape`` with one element and
+            ``event_shape == (C, 1, 1)``; its support must expose ``bins`` as the upper bound
+            plus one (through ``dist.support``'s integer interval).
+        samples: Integer tensor ``(S,) + batch_shape + (C, 1, 1)``.
+        p_threshold: The check fails when the p-value is at or below this.
+        min_expected: Smallest expected count of a cell.
+        max_outcomes: Refuse (``ValueError``) more than this many joint values.
+
+    Returns:
+        The p-value.
+
+    Raises:
+        AssertionError: Samples outside the support, or the p-value is ``<= p_threshold``.
+    """
+    channels, h, w = dist.event_shape
+    if (h, w) != (1, 1) or math.prod(dist.batch_shape) != 1:
+        raise ValueError(
+            "dist must describe one pixel (batch of one, event (C, 1, 1)), got batch_shape "
+            f"{tuple(dist.batch_shape)} and event_shape {tuple(dist.event_shape)}"
+        )
+    support = getattr(dist.support, "base_constraint", dist.support)
+    bins = int(support.upper_bound) + 1
+    if bins**channels > max_outcomes:
+        raise ValueError(f"{bins}**{channels} joint values exceed max_outcomes={max_outcomes}")
+    expected_shape = (samples.shape[0], *dist.batch_shape, *dist.event_shape)
+    if samples.dim() < 1 or tuple(samples.shape) != expected_shape:
+        raise ValueError(f"samples must have shape {expected_shape}, got {tuple(samples.shape)}")
+    flat = samples.reshape(samples.shape[0], channels).long().cpu()
+    if bool((flat < 0).any() or (flat >= bins).any()):
+        raise AssertionError(
+            f"samples must lie in [0, {bins - 1}], got values in "
+            f"[{int(flat.min())}, {int(flat.max())}]"
+        )
+    cell = (flat * bins ** torch.arange(channels - 1, -1, -1)).sum(dim=1)
+    observed = np.bincount(cell.numpy(), minlength=bins**channels).astype(np.float64)
+
+    grid = enumerate_levels(channels, bins, samples.device)
+    values = grid.reshape(-1, *dist.batch_shape, channels, 1, 1)
+    prob = dist.log_prob(values).detach().double().exp().reshape(-1).cpu().numpy()
+    prob = prob / prob.sum()
+    n = observed.sum()
+    expected = prob * n
+
+    impossible = (expected == 0) & (observed > 0)
+    if impossible.any():
+        first = grid[int(np.flatnonzero(impossible)[0])].tolist()
+        raise AssertionError(
+            f"{int(observed[impossible].sum())} samples fell on values of probability 0 "
+            f"under log_prob, e.g. {first}"
+        )
+    small = expected < min_expected
+    obs_cells = list(observed[~small])
+    exp_cells = list(expected[~small])
+    if small.any() and expected[small].sum() > 0:
+        rest_obs, rest_exp = observed[small].sum(), expected[small].sum()
+        if rest_exp < min_expected and exp_cells:
+            k = int(np.argmin(exp_cells))
+            obs_cells[k] += rest_obs
+            exp_cells[k] += rest_exp
+        else:
+            obs_cells.append(rest_obs)
+            exp_cells.append(rest_exp)
+    if len(exp_cells) < 2:
+        return 1.0  # one cell holds everything: every sample agrees trivially
+    from scipy import stats  # imported here: scipy is a test-only dependency
+
+    result = stats.chisquare(np.asarray(obs_cells), np.asarray(exp_cells))
+    p_value = float(result.pvalue)
+    if not p_value > p_threshold:
+        worst = int(np.argmax((observed - expected) ** 2 / np.maximum(expected, 1e-300)))
+        raise AssertionError(
+            f"samples do not follow exp(log_prob): chi-square {float(result.statistic):.1f} on "
+            f"{len(exp_cells) - 1} degrees of freedom, p = {p_value:.3g} <= {p_threshold}; "
+            f"worst value {grid[worst].tolist()}: observed {int(observed[worst])}, expected "
+            f"{expected[worst]:.1f} (of {int(n)} samples)"
+        )
+    return p_value
+
+
+def check_sampling_matches_log_prob(
+    head: torch.nn.Module,
+    params: Tensor | None = None,
+    *,
+    num_samples: int = 20000,
+    seed: int = 0,
+    p_threshold: float = 1e-4,
+    min_expected: float = 5.0,
+    max_outcomes: int = 4096,
+) -> float:
+    """Check that ``sample`` draws from the distribution that ``log_prob`` scores.
+
+    Draws ``num_samples`` values of one pixel with a seeded ``torch.Generator`` and runs
+    [`check_samples_match_log_prob`][discretelik.testing.heads.check_samples_match_log_prob].
+
+    Args:
+        head: The head; its projection is bypassed.
+        params: Raw parameters ``(1, head.param_channels, 1, 1)``; ``None`` draws random ones
+            (standard normal times 3, seeded by ``seed``).
+        num_samples: Number of draws.
+        seed: Seed of the parameters and of the generator.
+        p_threshold: The check fails when the p-value is at or below this.
+        min_expected: Smallest expected count of a chi-square cell.
+        max_outcomes: Refuse (``ValueError``) heads with more than this many pixel values.
+
+    Returns:
+        The p-value.
+
+    Raises:
+        AssertionError: The samples do not fit ``log_prob``.
+    """
+    _check_outcomes(head, max_outcomes)
+    params = _random_params(head, (1, 1, 1), 3.0, seed) if params is None else params
+    params = _as_params(head, params, seed)
+    if params.shape[0] != 1 or tuple(params.shape[2:]) != (1, 1):
+        raise ValueError(f"params must have shape (1, P, 1, 1), got {tuple(params.shape)}")
+    dist = head.distribution(params)
+    gen = torch.Generator(device=params.device).manual_seed(seed)
+    samples = dist.sample((num_samples,), generator=gen)
+    return check_samples_match_log_prob(
+        dist,
+        samples,
+        p_threshold=p_threshold,
+        min_expected=min_expected,
+        max_outcomes=max_outcomes,
+    )
+
+
+def check_head_contract(
+    head: torch.nn.Module,
+    *,
+    batch: int = 2,
+    height: int = 3,
+    width: int = 2,
+    seed: int = 0,
+) -> None:
+    """Check shapes, dtypes, ``expand``, ``support``, ``validate_args`` and argument errors.
+
+    On features (or raw parameters for a head without projection) of shape
+    ``(batch, F, height, width)`` it checks that:
+
+    * ``batch_shape == (B,)``, ``event_shape == (C, H, W)``; ``support`` is the integer interval
+      ``[0, bins - 1]`` over 3 event dimensions;
+    * ``sample(sample_shape, generator=)`` returns ``int64`` of shape
+      ``sample_shape + (B, C, H, W)`` within the support, the same seed gives the same draw and
+      the global random state is left untouched;
+    * ``log_prob`` returns ``sample_shape + (B,)`` (float32 for float32 parameters), finite and
+      ``<= 0``, equal to ``elementwise_log_prob`` summed over ``(C, H, W)``; pixels are
+      independent given the parameters (changing one pixel changes only its terms);
+    * ``mean`` is a finite float ``(B, C, H, W)`` within ``[0, bins - 1]``;
+    * ``expand((3, B))`` gives ``batch_shape (3, B)`` and the same ``log_prob``;
+    * ``validate_args`` is honoured per instance, after ``expand`` and through
+      ``torch.distributions.Distribution.set_default_validate_args`` (restored afterwards);
+    * bad input raises, with the argument, the expectation and the received value in the
+      message: levels outside ``[0, bins - 1]`` (``ValueError``), float or bool values
+      (``TypeError``, also with validation off), values of the wrong channel count or spatial
+      size, parameters with the wrong channel count, NaN parameters under validation
+      (``ValueError``), integer parameters (``TypeError``) and features with the wrong channel
+      count (``ValueError``).
+
+    Args:
+        head: The head to check (with or without projection).
+        batch: ``B``.
+        height: ``H`` (at least 1).
+        width: ``W`` (at least 2, so that pixels can be told apart).
+        seed: Seed of the random features and draws.
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    if width < 2 or height < 1 or batch < 1:
+        raise ValueError(
+            f"need batch >= 1, height >= 1 and width >= 2, got {batch}, {height}, {width}"
+        )
+    channels, bins, p_ch = head.channels, head.bins, head.param_channels
+    device = _device(head)
+    gen = torch.Generator().manual_seed(seed)
+    f_ch = p_ch if head.in_channels is None else head.in_channels
+    features = torch.randn(batch, f_ch, height, width, generator=gen).to(device)
+    event = (channels, height, width)
+
+    with torch.no_grad():
+        dist = head(features)
+        params = head.params(features)
+    if tuple(params.shape) != (batch, p_ch, height, width):
+        raise AssertionError(
+            f"head.params must return (B, param_channels={p_ch}, H, W) = "
+            f"{(batch, p_ch, height, width)}, got {tuple(params.shape)}"
+        )
+    if tuple(dist.batch_shape) != (batch,) or tuple(dist.event_shape) != event:
+        raise AssertionError(
+            f"expected batch_shape {(batch,)} and event_shape {event}, got "
+            f"{tuple(dist.batch_shape)} and {tuple(dist.event_shape)}"
+        )
+
+    support = dist.support
+    base = getattr(support, "base_constraint", None)
+    if not (
+        support.is_discrete
+        and support.event_dim == 3
+        and isinstance(base, constraints.integer_interval)
+        and (base.lower_bound, base.upper_bound) == (0, bins - 1)
+    ):
+        raise AssertionError(
+            f"support must be independent(integer_interval(0, {bins - 1}), 3), got {support!r}"
+        )
+
+    # -- sampling ------------------------------------------------------------------------
+    for sample_shape in [(), (4,), (2, 3)]:
+        x = dist.sample(sample_shape, generator=torch.Generator(device=device).manual_seed(seed))
+        want = (*sample_shape, batch, *event)
+        if tuple(x.shape) != want or x.dtype != torch.int64:
+            raise AssertionError(
+                f"sample({sample_shape}) must return int64 of shape {want}, got {x.dtype} "
+                f"{tuple(x.shape)}"
+            )
+        if bool((x < 0).any() or (x > bins - 1).any()):
+            raise AssertionError(
+                f"samples must lie in [0, {bins - 1}], got [{int(x.min())}, {int(x.max())}]"
+            )
+        if not bool(support.check(x).all()):
+            raise AssertionError("support.check rejects the distribution's own samples")
+        lp = dist.log_prob(x)
+        if tuple(lp.shape) != (*sample_shape, batch):
+            raise AssertionError(
+                f"log_prob of a {want} value must have shape {(*sample_shape, batch)}, got "
+                f"{tuple(lp.shape)}"
+            )
+        if params.dtype == torch.float32 and lp.dtype != torch.float32:
+            raise AssertionError(f"log_prob must be float32 for float32 params, got {lp.dtype}")
+        if not bool(torch.isfinite(lp).all() and (lp <= 1e-6).all()):
+            raise AssertionError(f"log_prob of samples must be finite and <= 0, got {lp}")
+        _close(
+            lp,
+            dist.elementwise_log_prob(x).sum(dim=(-3, -2, -1)),
+            "log_prob must equal elementwise_log_prob summed over (C, H, W)",
+            atol=1e-3,
+            rtol=1e-5,
+        )
+
+    rng_state = torch.random.get_rng_state()
+    first = dist.sample((3,), generator=torch.Generator(device=device).manual_seed(seed + 1))
+    if not torch.equal(torch.random.get_rng_state(), rng_state):
+        raise AssertionError(
+            "sample(generator=g) must take all its randomness from g, not the global RNG"
+        )
+    again = dist.sample((3,), generator=torch.Generator(device=device).manual_seed(seed + 1))
+    if not torch.equal(first, again):
+        raise AssertionError("sample with the same generator seed must give the same values")
+
+    x = dist.sample(generator=torch.Generator(device=device).manual_seed(seed))
+    changed = x.clone()
+    changed[:, :, 0, 0] = (changed[:, :, 0, 0] + 1) % bins
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[:, :, 0, 0] = False  # every pixel but the changed one
+    _close(
+        dist.elementwise_log_prob(changed)[keep],
+        dist.elementwise_log_prob(x)[keep],
+        "elementwise_log_prob at one pixel must not depend on the values of other pixels",
+        atol=1e-6,
+        rtol=1e-6,
+    )
+
+    # -- mean ----------------------------------------------------------------------------
+    mean = dist.mean
+    if tuple(mean.shape) != (batch, *event) or not mean.is_floating_point():
+        raise AssertionError(
+            f"mean must be a float tensor {(batch, *event)}, got {mean.dtype} {tuple(mean.shape)}"
+        )
+    slack = 1e-5 * bins
+    inside = (mean >= -slack) & (mean <= bins - 1 + slack)
+    if not bool(torch.isfinite(mean).all() and inside.all()):
+        raise AssertionError(
+            f"mean must be finite and within [0, {bins - 1}], got values in "
+            f"[{float(mean.min())}, {float(mean.max())}]"
+        )
+
+    # -- expand --------------------------------------------------------------------------
+    big = dist.expand(torch.Size((3, batch)))
+    if tuple(big.batch_shape) != (3, batch) or tuple(big.event_shape) != event:
+        raise AssertionError(
+            f"expand((3, {batch})) must give batch_shape (3, {batch}) and event_shape {event}, "
+            f"got {tuple(big.batch_shape)} and {tuple(big.event_shape)}"
+        )
+    _close(
+        big.log_prob(x.expand(3, *x.shape)),
+        dist.log_prob(x).expand(3, batch),
+        "the expanded distribution must give the same log_prob",
+        atol=1e-4,
+        rtol=1e-5,
+    )
+    if tuple(big.sample().shape) != (3, batch, *event):
+        raise AssertionError(f"the expanded distribution must sample (3, {batch}, *{event})")
+    if tuple(big.mean.shape) != (3, batch, *event):
+        raise AssertionError(f"the expanded distribution's mean must be (3, {batch}, *{event})")
+
+    # -- validate_args and bad input -----------------------------------------------------
+    def dist_of(p: Tensor, validate: bool | None = None) -> Distribution:
+        return head.distribution(p, validate_args=validate)
+
+    on = dist_of(params, True)
+    for bad_level in (-2, bins + 3):
+        bad = x.clone()
+        bad[0, 0, 0, 0] = bad_level
+        _expect_error(
+            ValueError,
+            ["value", str(bins - 1), str(bad_level)],
+            lambda bad=bad: on.log_prob(bad),
+            f"log_prob of a value holding level {bad_level} (bins={bins}) with validation on",
+        )
+        _expect_error(
+            ValueError,
+            ["value"],
+            lambda bad=bad: on.expand(torch.Size((3, batch))).log_prob(bad.expand(3, *bad.shape)),
+            "validate_args must survive expand",
+        )
+    for validate in (True, False):
+        for dtype in (torch.float32, torch.bool):
+            bad = x.to(dtype)
+            _expect_error(
+                TypeError,
+                ["value", str(dtype)],
+                lambda bad=bad, validate=validate: dist_of(params, validate).log_prob(bad),
+                f"log_prob of a {dtype} value (validate_args={validate}); nothing is cast",
+            )
+    expected_event = ", ".join(map(str, event))  # as in "(C, H, W)" or "(B, C, H, W)"
+    wrong_c = torch.zeros(batch, channels + 1, height, width, dtype=torch.long, device=device)
+    wrong_hw = torch.zeros(batch, channels, height, width + 1, dtype=torch.long, device=device)
+    for bad in (wrong_c, wrong_hw):
+        _expect_error(
+            ValueError,
+            ["value", expected_event, str(tuple(bad.shape))],
+            lambda bad=bad: on.log_prob(bad),
+            f"log_prob of a value of shape {tuple(bad.shape)} for event_shape {event}",
+        )
+    short = params[:, : p_ch - 1]
+    _expect_error(
+        ValueError,
+        ["params", str(p_ch), str(tuple(short.shape))],
+        lambda: dist_of(short),
+        f"params with {p_ch - 1} instead of {p_ch} channels",
+    )
+    _expect_error(
+        TypeError,
+        ["params", str(torch.int64)],
+        lambda: dist_of(params.long()),
+        "integer params",
+    )
+    nan_params = params.clone()
+    nan_params[0, 0, 0, 0] = float("nan")
+    _expect_error(
+        ValueError, ["params"], lambda: dist_of(nan_params, True), "NaN params, validate_args=True"
+    )
+    dist_of(nan_params, False)  # validation off per instance: no check, no error
+    default = Distribution._validate_args
+    try:
+        Distribution.set_default_validate_args(False)
+        dist_of(nan_params)  # follows the global default: no error
+        _expect_error(
+            ValueError,
+            ["params"],
+            lambda: dist_of(nan_params, True),
+            "NaN params with validate_args=True while the global default is off",
+        )
+        Distribution.set_default_validate_args(True)
+        _expect_error(
+            ValueError,
+            ["params"],
+            lambda: dist_of(nan_params),
+            "NaN params with validate_args=None while the global default is on",
+        )
+    finally:
+        Distribution.set_default_validate_args(default)
+
+    bad_features = torch.zeros(batch, f_ch + 1, height, width, device=device)
+    _expect_error(
+        ValueError,
+        ["features", str(f_ch), str(tuple(bad_features.shape))],
+        lambda: head(bad_features),
+        f"features with {f_ch + 1} channels for a head expecting {f_ch}",
+    )
+    _expect_error(
+        TypeError,
+        ["features"],
+        lambda: head(features.long()),
+        "integer features",
+    )
+
+
+def check_head_finite(
+    head: torch.nn.Module,
+    *,
+    scales: Sequence[float] = (1.0, 1e4),
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16, torch.float16),
+    height: int = 2,
+    width: int = 2,
+    seed: int = 0,
+) -> None:
+    """Check finite ``log_prob``, gradients, ``mean`` and valid samples at extreme parameters.
+
+    For every ``scale`` in ``scales`` the raw parameters are standard normal times ``scale``,
+    the constants ``+scale`` and ``-scale``, and alternating ``+-scale`` across parameter
+    channels; each is tried in every dtype of ``dtypes``. The values scored are all level 0,
+    all level ``bins - 1``, a checkerboard of both and random levels. ``log_prob`` must be
+    finite and float32 (float32 or wider for float32/float64 parameters) and its gradient with
+    respect to the parameters finite. For a head with a projection, features in float32 are
+    also run under ``torch.autocast(dtype=torch.bfloat16)``: float32, finite ``log_prob`` and
+    finite gradients for features and weights.
+
+    Args:
+        head: The head to check.
+        scales: Magnitudes of the raw parameters (``1e4`` is representable in float16).
+        dtypes: Parameter dtypes.
+        height: ``H`` of the parameter maps.
+        width: ``W`` of the parameter maps.
+        seed: Seed of the random parameters and levels.
+
+    Raises:
+        AssertionError: Something was not finite or had the wrong dtype.
+    """
+    channels, bins, p_ch = head.channels, head.bins, head.param_channels
+    device = _device(head)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, channels, height, width)
+    cc, ii, jj = torch.meshgrid(
+        torch.arange(channels), torch.arange(height), torch.arange(width), indexing="ij"
+    )
+    checker = (cc + ii + jj) % 2  # levels 0 and bins - 1 side by side
+    values = torch.cat(
+        [
+            torch.zeros(shape, dtype=torch.long),
+            torch.full(shape, bins - 1, dtype=torch.long),
+            (checker * (bins - 1))[None],
+            torch.randint(0, bins, shape, generator=gen),
+        ]
+    ).to(device)
+    n = values.shape[0]
+    sign = 1.0 - 2.0 * (torch.arange(p_ch) % 2).float()
+    for scale in scales:
+        patterns = {
+            "normal": torch.randn(n, p_ch, height, width, generator=gen) * scale,
+            "+scale": torch.full((n, p_ch, height, width), float(scale)),
+            "-scale": torch.full((n, p_ch, height, width), -float(scale)),
+            "alternating": (sign * scale)[None, :, None, None].expand(n, -1, height, width),
+        }
+        for name, raw in patterns.items():
+            for dtype in dtypes:
+                params = raw.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+                what = f"{name} params at scale {scale:g} in {dtype}"
+                dist = head.distribution(params)
+                lp = dist.log_prob(values)
+                wide = dtype in (torch.float32, torch.float64)
+                want = (torch.float32, torch.float64) if wide else (torch.float32,)
+                if lp.dtype not in want:
+                    raise AssertionError(f"{what}: log_prob must be float32, got {lp.dtype}")
+                if not bool(torch.isfinite(lp).all()):
+                    raise AssertionError(
+                        f"{what}: log_prob must be finite at levels 0, {bins - 1}, mixed and "
+                        f"random, got {lp.tolist()}"
+                    )
+                (grad,) = torch.autograd.grad(lp.sum(), params)
+                if not bool(torch.isfinite(grad).all()):
+                    raise AssertionError(f"{what}: the gradient of log_prob must be finite")
+                mean = dist.mean
+                if not bool(torch.isfinite(mean).all()):
+                    raise AssertionError(f"{what}: mean must be finite")
+                x = dist.sample(generator=torch.Generator(device=device).manual_seed(seed))
+                if bool((x < 0).any() or (x > bins - 1).any()):
+                    raise AssertionError(f"{what}: samples must lie in [0, {bins - 1}]")
+
+    if head.in_channels is None:
+        return
+    features = (torch.randn(n, head.in_channels, height, width, generator=gen) * 3).to(device)
+    features.requires_grad_(True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        lp = head(features).log_prob(values)
+    if lp.dtype != torch.float32 or not bool(torch.isfinite(lp).all()):
+        raise AssertionError(
+            "under bfloat16 autocast log_prob must be finite float32, got "
+            f"{lp.dtype} {lp.tolist()}"
+        )
+    weights = [p for p in head.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(lp.sum(), [features, *weights])
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        raise AssertionError("under bfloat16 autocast the gradients must be finite")
+
+
+def check_channel_groups(
+    head: torch.nn.Module, *, height: int = 2, width: int = 2, seed: int = 0
+) -> None:
+    """Check that with ``feature_groups = C`` channel ``c`` reads only feature block ``c``.
+
+    The features ``(1, in_channels, H, W)`` are ``C`` contiguous blocks. The gradient of the
+    log-probability of channel ``c`` (``elementwise_log_prob[:, c]``, which may also depend on
+    the values of channels ``< c``) with respect to the features must be zero outside block
+    ``c`` and nonzero inside it. This is what keeps a backbone's R -> G -> B ordering intact.
+
+    Args:
+        head: A head built with ``feature_groups == channels > 1``.
+        height: ``H``.
+        width: ``W``.
+        seed: Seed of the features and the scored value.
+
+    Raises:
+        AssertionError: Some channel reads another channel's features.
+    """
+    channels = head.channels
+    if getattr(head, "feature_groups", 1) != channels or channels < 2 or head.in_channels is None:
+        raise ValueError(
+            "check_channel_groups needs a head with in_channels set and feature_groups == "
+            f"channels > 1, got channels={channels}, feature_groups="
+            f"{getattr(head, 'feature_groups', None)}, in_channels={head.in_channels}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(1, head.in_channels, height, width, generator=gen).to(_device(head))
+    features.requires_grad_(True)
+    dist = head(features)
+    x = dist.sample(generator=torch.Generator(device=features.device).manual_seed(seed))
+    elp = dist.elementwise_log_prob(x)
+    block = head.in_channels // channels
+    for c in range(channels):
+        (grad,) = torch.autograd.grad(elp[:, c].sum(), features, retain_graph=True)
+        per_block = grad.abs().reshape(channels, block, height, width).sum(dim=(1, 2, 3))
+        others = [b for b in range(channels) if b != c and float(per_block[b]) != 0]
+        if others:
+            raise AssertionError(
+                f"log p(channel {c}) depends on feature block(s) {others}; with "
+                f"feature_groups={channels} it may read only block {c}"
+            )
+        if float(per_block[c]) == 0:
+            raise AssertionError(f"log p(channel {c}) does not depend on its feature block {c}")
