@@ -93,16 +93,23 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
         step = max(1, _CHUNK_ELEMENTS // per_bin)
         return [(s, min(step, self.bins - s)) for s in range(0, self.bins, step)]
 
-    def _log_normalizer(self, logits: Tensor) -> Tensor:
-        """``logsumexp`` over the bins axis: ``batch_shape + (C, H, W)``."""
-        slices = self._bin_slices(logits)
-        if len(slices) == 1:
-            return torch.logsumexp(logits, dim=-3)
-        # Sliced logsumexp. The shift is detached: it cancels exactly in value and gradient.
+    def _shifted_log_normalizer(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """``(peak, log_z)`` with ``logsumexp(logits) = peak + log_z`` over the bins axis.
+
+        Both have shape ``batch_shape + (C, 1, H, W)``. Log-probabilities are formed as
+        ``(logit - peak) - log_z``: with logits near 1e4 the float32 difference
+        ``logit - logsumexp(logits)`` would keep only about three decimals, while
+        ``logit - peak`` is exact near the peak and ``log_z`` lies in ``[0, log(bins)]``.
+        """
+        # The peak is a constant shift: detaching it leaves value and gradient unchanged.
         peak = logits.detach().amax(dim=-3, keepdim=True)
         peak = torch.where(peak.isfinite(), peak, torch.zeros_like(peak))
-        total = sum((logits.narrow(-3, s, n) - peak).exp().sum(dim=-3) for s, n in slices)
-        return total.log() + peak.squeeze(-3)
+        # Sliced sum so that large bins never need a second full-size temporary.
+        total = sum(
+            (logits.narrow(-3, s, n) - peak).exp().sum(dim=-3, keepdim=True)
+            for s, n in self._bin_slices(logits)
+        )
+        return peak, total.log()
 
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
         logits = self.logits  # batch + (C, K, H, W)
@@ -111,8 +118,9 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
         # Move the draws into the bins axis so that one gather on the (unexpanded) logits picks
         # every draw's logit; the gradient then never has the sample_shape-times-larger size.
         index = value.reshape(n, *value.shape[lead:]).movedim(0, -3)  # batch + (C, n, H, W)
-        picked = logits.gather(-3, index).movedim(-3, 0).reshape(value.shape)
-        return picked - self._log_normalizer(logits)
+        peak, log_z = self._shifted_log_normalizer(logits)
+        picked = (logits.gather(-3, index) - peak) - log_z  # batch + (C, n, H, W)
+        return picked.movedim(-3, 0).reshape(value.shape)
 
     def _sample(self, sample_shape: torch.Size, generator: torch.Generator | None) -> Tensor:
         logits = self.logits.movedim(-3, -1)  # batch + (C, H, W, K)
@@ -139,11 +147,12 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
     def mean(self) -> Tensor:
         """Expected level per sub-pixel: float ``batch_shape + (C, H, W)`` in ``[0, bins - 1]``."""
         logits = self.logits
-        log_z = self._log_normalizer(logits).unsqueeze(-3)
+        peak, log_z = self._shifted_log_normalizer(logits)
         total = torch.zeros_like(log_z.squeeze(-3))
         for s, n in self._bin_slices(logits):
             levels = torch.arange(s, s + n, device=logits.device, dtype=logits.dtype)[:, None, None]
-            total = total + ((logits.narrow(-3, s, n) - log_z).exp() * levels).sum(dim=-3)
+            prob = ((logits.narrow(-3, s, n) - peak) - log_z).exp()
+            total = total + (prob * levels).sum(dim=-3)
         # The probabilities sum to 1 only up to rounding; keep the mean inside the level range.
         return total.clamp(0, self.bins - 1)
 
