@@ -12,7 +12,7 @@ Architecture (table 2 of the paper)::
 
 Each residual block follows section 3.4: the LSTM reads the ``2h`` input features and returns
 ``h`` features, a 1x1 convolution (mask B) maps them back to ``2h`` and the block's input is
-added. The LSTM layers themselves live in [`discretelik.nn.recurrent`][discretelik.nn.RowLSTM].
+added. The LSTM layers themselves live in [`discretelik.nn.recurrent`][discretelik.nn.recurrent.RowLSTM].
 
 Colour ordering: with ``channel_groups = C`` every feature map is ``C`` contiguous blocks and
 every masked convolution uses ``C`` colour groups, so block ``c`` at a pixel sees channels
@@ -37,7 +37,7 @@ Departures from the paper:
 * The paper has no class conditioning; ``num_classes`` adds a learned per-class bias (zero at
   init) to every LSTM layer's gate pre-activations, as the conditional PixelCNN does.
 * LSTM details (tanh content gate, forget-gate bias 1, both BiLSTM directions in one loop)
-  are listed in [`discretelik.nn.recurrent`][discretelik.nn.RowLSTM].
+  are listed in [`discretelik.nn.recurrent`][discretelik.nn.recurrent.RowLSTM].
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ Both layers split the LSTM update into an *input-to-state* part, a masked convol
 the whole input map computed once (vectorised over all positions), and a *state-to-state*
 part, a small convolution of the previous hidden state computed inside a loop:
 
-* [`RowLSTM`][discretelik.nn.RowLSTM] loops over the ``H`` rows; the state-to-state kernel is a
+* [`RowLSTM`][discretelik.nn.recurrent.RowLSTM] loops over the ``H`` rows; the state-to-state kernel is a
   1D convolution of width ``k`` over the previous row, which gives the triangular receptive
   field of the paper (each row further up is one pixel wider on each side).
-* [`DiagonalBiLSTM`][discretelik.nn.DiagonalBiLSTM] skews the map (row ``r`` shifted right by
-  ``r``, see [`skew`][discretelik.nn.skew]) so that each diagonal of the image becomes a column,
+* [`DiagonalBiLSTM`][discretelik.nn.recurrent.DiagonalBiLSTM] skews the map (row ``r`` shifted right by
+  ``r``, see [`skew`][discretelik.nn.recurrent.skew]) so that each diagonal of the image becomes a column,
   and loops over the ``W + H - 1`` columns with a 2x1 state-to-state kernel: pixel ``(i, j)``
   reads the states of ``(i - 1, j)`` (above) and ``(i, j - 1)`` (left), so its context is the
   whole quadrant above-left. The second direction runs on the horizontally flipped map (the
@@ -22,7 +22,7 @@ part, a small convolution of the previous hidden state computed inside a loop:
 Gate layout and colour groups: the ``4 * hidden`` pre-activations are ``groups`` contiguous
 blocks (R, G, B when ``groups=3``), each holding the gates ``(i, f, o, g)`` of its
 ``hidden // groups`` units, and the hidden state is ``groups`` contiguous blocks likewise.
-The input-to-state convolution is a [`MaskedConv2d`][discretelik.nn.MaskedConv2d] of type B
+The input-to-state convolution is a [`MaskedConv2d`][discretelik.nn.masked_conv.MaskedConv2d] of type B
 with the same groups, and each group's gates are computed from that group's pre-activations
 only, so hidden block ``c`` at a pixel sees input blocks ``<= c`` of that pixel. The
 state-to-state kernels are not masked: in both layers they only read states of strictly
@@ -70,7 +70,7 @@ def skew(x: Tensor) -> Tensor:
 
 
 def unskew(x: Tensor, width: int) -> Tensor:
-    """Inverse of [`skew`][discretelik.nn.skew].
+    """Inverse of [`skew`][discretelik.nn.recurrent.skew].
 
     Args:
         x: float ``(B, C, H, width + H - 1)``.
