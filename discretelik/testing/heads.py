@@ -359,7 +359,7 @@ def check_sampling_matches_log_prob(
     """Check that ``sample`` draws from the distribution that ``log_prob`` scores.
 
     Draws ``num_samples`` values of one pixel with a seeded ``torch.Generator`` and runs
-    [`check_samples_match_log_prob`][discretelik.testing.heads.check_samples_match_log_prob].
+    ``check_samples_match_log_prob`` on them.
 
     Args:
         head: The head; its projection is bypassed.
@@ -413,8 +413,9 @@ def check_head_contract(
       ``sample_shape + (B, C, H, W)`` within the support, the same seed gives the same draw and
       the global random state is left untouched;
     * ``log_prob`` returns ``sample_shape + (B,)`` (float32 for float32 parameters), finite and
-      ``<= 0``, equal to ``elementwise_log_prob`` summed over ``(C, H, W)``; pixels are
-      independent given the parameters (changing one pixel changes only its terms);
+      ``<= 0``, equal to ``elementwise_log_prob`` summed over ``(C, H, W)``, the same for every
+      integer dtype that holds the levels; pixels are independent given the parameters
+      (changing one pixel changes only its terms);
     * ``mean`` is a finite float ``(B, C, H, W)`` within ``[0, bins - 1]``;
     * ``expand((3, B))`` gives ``batch_shape (3, B)`` and the same ``log_prob``;
     * ``validate_args`` is honoured per instance, after ``expand`` and through
@@ -505,6 +506,15 @@ def check_head_contract(
             atol=1e-3,
             rtol=1e-5,
         )
+
+    for dtype, top in [(torch.int32, 2**31), (torch.int16, 2**15), (torch.uint8, 2**8)]:
+        if bins <= top:  # every integer dtype that can hold the levels is accepted as is
+            _close(
+                dist.log_prob(x.to(dtype)),
+                dist.log_prob(x),
+                f"log_prob of {dtype} levels must equal that of int64 levels",
+                atol=0,
+            )
 
     rng_state = torch.random.get_rng_state()
     first = dist.sample((3,), generator=torch.Generator(device=device).manual_seed(seed + 1))
@@ -671,7 +681,9 @@ def check_head_finite(
     channels; each is tried in every dtype of ``dtypes``. The values scored are all level 0,
     all level ``bins - 1``, a checkerboard of both and random levels. ``log_prob`` must be
     finite and float32 (float32 or wider for float32/float64 parameters) and its gradient with
-    respect to the parameters finite. For a head with a projection, features in float32 are
+    respect to the parameters finite. A float16 gradient has the parameters' dtype, so a large
+    but correct gradient (above 65504) overflows to ``inf`` there: for float16 parameters the
+    gradient must only be free of NaN. For a head with a projection, features in float32 are
     also run under ``torch.autocast(dtype=torch.bfloat16)``: float32, finite ``log_prob`` and
     finite gradients for features and weights.
 
@@ -727,7 +739,9 @@ def check_head_finite(
                         f"random, got {lp.tolist()}"
                     )
                 (grad,) = torch.autograd.grad(lp.sum(), params)
-                if not bool(torch.isfinite(grad).all()):
+                if dtype == torch.float16 and bool(torch.isnan(grad).any()):
+                    raise AssertionError(f"{what}: the gradient of log_prob must not be NaN")
+                if dtype != torch.float16 and not bool(torch.isfinite(grad).all()):
                     raise AssertionError(f"{what}: the gradient of log_prob must be finite")
                 mean = dist.mean
                 if not bool(torch.isfinite(mean).all()):
