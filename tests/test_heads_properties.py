@@ -194,9 +194,12 @@ def _contract_heads() -> list[tuple[str, dict]]:
     return cases
 
 
-@pytest.mark.parametrize(
-    ("name", "kwargs"), _contract_heads(), ids=lambda v: v if isinstance(v, str) else None
-)
+def _case_id(case: tuple[str, dict]) -> str:
+    name, kwargs = case
+    return "-".join([name, *(f"{k}={v}" for k, v in kwargs.items())])
+
+
+@pytest.mark.parametrize(("name", "kwargs"), _contract_heads(), ids=map(_case_id, _contract_heads()))
 def test_contract(name: str, kwargs: dict) -> None:
     check_head_contract(make(name, **kwargs))
 
