@@ -21,8 +21,6 @@ from discretelik.nn.gated import (
     HorizontalConv2d,
     VerticalConv2d,
     gated_activation,
-    shift_down,
-    shift_right,
 )
 from discretelik.testing import check_causality, receptive_field
 
@@ -52,12 +50,6 @@ def test_gated_activation() -> None:
     torch.testing.assert_close(gated_activation(x), torch.tanh(x[:, :3]) * torch.sigmoid(x[:, 3:]))
     with pytest.raises(ValueError, match="even"):
         gated_activation(torch.randn(1, 5, 2, 2))
-
-
-def test_shifts() -> None:
-    x = torch.arange(12.0).view(1, 1, 3, 4)
-    assert torch.equal(shift_down(x)[0, 0, 1:], x[0, 0, :-1]) and not shift_down(x)[0, 0, 0].any()
-    assert torch.equal(shift_right(x)[..., 1:], x[..., :-1]) and not shift_right(x)[..., 0].any()
 
 
 def footprint(conv: torch.nn.Module, size: int, pos: tuple[int, int]) -> torch.Tensor:

@@ -5,7 +5,7 @@ Two stacks per layer (Figure 2 of the paper), ``p = hidden_channels``, ``k = ker
 ``r = k // 2``::
 
     v_pre = VerticalConv(v)                      rows i-r..i, cols j-r..j+r     (B, 2p, H, W)
-    h_pre = HorizontalConv(h) + 1x1(shift_down(v_pre))                          (B, 2p, H, W)
+    h_pre = HorizontalConv(h) + 1x1(down_shift(v_pre))                          (B, 2p, H, W)
     v_pre, h_pre += V^T y + V * s                (conditioning, optional)
     v' = tanh(v_pre_f) * sigmoid(v_pre_g)                                       (B, p, H, W)
     h' = h + 1x1(tanh(h_pre_f) * sigmoid(h_pre_g))     (no residual in layer 0)
@@ -41,13 +41,13 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..nn.gated import (
-    UPSAMPLE_MODES,
     ConditionBias,
     HorizontalConv2d,
     VerticalConv2d,
+    check_condition_options,
     gated_activation,
-    shift_down,
 )
+from ..nn.shifted_conv import down_shift
 from ..registry import register_backbone
 from .base import Backbone, Conditioning
 
@@ -106,12 +106,7 @@ def _validate(cfg: GatedPixelCNNConfig) -> None:
     check_int(cfg.out_channels, "out_channels", 1)
     if not isinstance(cfg.skip_connections, bool):
         raise TypeError(f"skip_connections must be a bool, got {cfg.skip_connections!r}")
-    if cfg.num_classes is not None:
-        check_int(cfg.num_classes, "num_classes", 1)
-    if cfg.cond_channels is not None:
-        check_int(cfg.cond_channels, "cond_channels", 1)
-    if cfg.cond_upsample not in UPSAMPLE_MODES:
-        raise ValueError(f"cond_upsample must be one of {UPSAMPLE_MODES}, got {cfg.cond_upsample!r}")
+    check_condition_options(cfg.num_classes, cfg.cond_channels, cfg.cond_upsample)
 
 
 class GatedLayer(nn.Module):
@@ -156,7 +151,7 @@ class GatedLayer(nn.Module):
         v_pre = self.vertical(v)
         # v_pre at row i has read row i (including pixels right of j); one row down it only
         # carries rows < i into the horizontal stack.
-        h_pre = self.horizontal(h) + self.link(shift_down(v_pre))
+        h_pre = self.horizontal(h) + self.link(down_shift(v_pre))
         if self.cond is not None:
             c = self.cond(label, cmap, tuple(v.shape[-2:]))
             if c is not None:
@@ -200,15 +195,14 @@ class GatedPixelCNN(Backbone):
         self.cond_channels = config.cond_channels
         p = config.hidden_channels
         conditional = config.num_classes is not None or config.cond_channels is not None
+        cond_args = (config.num_classes, config.cond_channels, config.cond_upsample)
         self.layers = nn.ModuleList(
             GatedLayer(
                 config.in_channels if i == 0 else p,
                 p,
                 config.kernel_size,
                 first=i == 0,
-                cond=ConditionBias(4 * p, config.num_classes, config.cond_channels, config.cond_upsample)
-                if conditional
-                else None,
+                cond=ConditionBias(4 * p, *cond_args) if conditional else None,
                 skip=config.skip_connections,
             )
             for i in range(config.n_layers)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..nn.gated import UPSAMPLE_MODES, ConditionBias
+from ..nn.gated import ConditionBias, check_condition_options
 from ..nn.masked_conv import MaskedConv2d
 from ..registry import register_backbone
 from .base import Backbone, Conditioning
@@ -118,12 +118,7 @@ def _validate(cfg: PixelCNNConfig) -> None:
                 f"{name} must be a multiple of channel_groups={cfg.channel_groups} (one block "
                 f"of features per colour channel), got {getattr(cfg, name)}"
             )
-    if cfg.num_classes is not None:
-        check_int(cfg.num_classes, "num_classes", 1)
-    if cfg.cond_channels is not None:
-        check_int(cfg.cond_channels, "cond_channels", 1)
-    if cfg.cond_upsample not in UPSAMPLE_MODES:
-        raise ValueError(f"cond_upsample must be one of {UPSAMPLE_MODES}, got {cfg.cond_upsample!r}")
+    check_condition_options(cfg.num_classes, cfg.cond_channels, cfg.cond_upsample)
 
 
 class ResidualBlock(nn.Module):
@@ -199,15 +194,14 @@ class PixelCNN(Backbone):
         self.cond_channels = config.cond_channels
         g, h = config.channel_groups, config.hidden_channels
         conditional = config.num_classes is not None or config.cond_channels is not None
+        cond_args = (config.num_classes, config.cond_channels, config.cond_upsample)
         self.input = MaskedConv2d(config.in_channels, 2 * h, config.first_kernel_size, "A", g)
         self.blocks = nn.ModuleList(
             ResidualBlock(
                 h,
                 config.kernel_size,
                 g,
-                ConditionBias(h, config.num_classes, config.cond_channels, config.cond_upsample)
-                if conditional
-                else None,
+                ConditionBias(h, *cond_args) if conditional else None,
             )
             for _ in range(config.n_layers)
         )

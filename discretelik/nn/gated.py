@@ -1,20 +1,20 @@
 """Building blocks of the Gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation
 with PixelCNN Decoders", arXiv:1606.05328).
 
-* ``gated_activation``: ``tanh(a) * sigmoid(b)`` over
-  the two halves of the channels.
+* ``gated_activation``: ``tanh(a) * sigmoid(b)`` over the two halves of the channels.
 * ``VerticalConv2d`` / ``HorizontalConv2d``: the two causal stacks, written as shifted
   (padded-then-cropped) convolutions rather than masks, so no weight is wasted on taps that a
-  mask would zero. For an odd kernel size ``k = 2r + 1``, what the output at ``o`` reads::
+  mask would zero. For an odd kernel size ``k = 2r + 1``, the inputs the output at ``[ ]``
+  reads (``x`` read, ``.`` not read)::
 
-    vertical (r=1)            horizontal, type B         horizontal, type A
-    1 1 1     rows i-r..i     . . . . .                  . . . . .
-    1 1 1  <- row i (o)       1 1 o . .   cols j-r..j    1 o . . .   cols j-r..j-1
-    . . .                     (r=2)                      (r=1)
+    vertical (k=3)     horizontal, type B (k=5)     horizontal, type A (k=5)
+    x  x  x            .  .  .  .  .                .  .  .  .  .
+    x [x] x            x  x [x] .  .                x  x [.] .  .
+    .  .  .            .  .  .  .  .                .  .  .  .  .
 
-  The vertical stack reads its own row (``i``) too, including pixels right of ``o``: it is
-  only causal once ``shift_down`` moves it one row down before
-  the horizontal stack reads it, which is what the Gated PixelCNN does.
+  The vertical stack reads its own row (``i``) too, including pixels right of the output:
+  it is only causal once ``down_shift`` (``discretelik.nn.shifted_conv``) moves it one row down
+  before the horizontal stack reads it, which is what the Gated PixelCNN does.
 * ``ConditionBias``: the per-layer conditioning term ``V^T y`` (class label ``y``) and
   ``V * s`` (spatial map ``s``, resized to the image) of the Conditional PixelCNN.
 """
@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int
+from .shifted_conv import right_shift
+
 __all__ = [
     "ConditionBias",
+    "check_condition_options",
     "HorizontalConv2d",
     "VerticalConv2d",
     "gated_activation",
-    "shift_down",
-    "shift_right",
 ]
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -61,16 +63,22 @@ def gated_activation(x: Tensor) -> Tensor:
     return torch.tanh(f) * torch.sigmoid(g)
 
 
-def shift_down(x: Tensor) -> Tensor:
-    """Shift ``(B, C, H, W)`` one row down: row ``i`` of the result is row ``i - 1`` of ``x``
-    (zeros in row 0)."""
-    return F.pad(x, (0, 0, 1, 0))[..., :-1, :]
+def check_condition_options(
+    num_classes: object, cond_channels: object, cond_upsample: object
+) -> None:
+    """Validate the conditioning fields shared by backbone configs.
 
-
-def shift_right(x: Tensor) -> Tensor:
-    """Shift ``(B, C, H, W)`` one column right: column ``j`` of the result is column ``j - 1``
-    of ``x`` (zeros in column 0)."""
-    return F.pad(x, (1, 0, 0, 0))[..., :-1]
+    Raises:
+        TypeError: ``num_classes`` or ``cond_channels`` is neither ``None`` nor an int.
+        ValueError: One of them is below 1, or ``cond_upsample`` is not a known mode (the
+            message names the field).
+    """
+    if num_classes is not None:
+        check_int(num_classes, "num_classes", 1)
+    if cond_channels is not None:
+        check_int(cond_channels, "cond_channels", 1)
+    if cond_upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"cond_upsample must be one of {UPSAMPLE_MODES}, got {cond_upsample!r}")
 
 
 def _half_width(kernel_size: int) -> int:
@@ -140,7 +148,7 @@ class HorizontalConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.mask_type == "A":
             # Read the shifted input, so the rightmost tap lands on j - 1.
-            x = F.pad(shift_right(x), (self.half - 1, 0, 0, 0))
+            x = F.pad(right_shift(x), (self.half - 1, 0, 0, 0))
         else:
             x = F.pad(x, (self.half, 0, 0, 0))
         return super().forward(x)
