@@ -96,12 +96,12 @@ def _reference_diagonal(layer: DiagonalBiLSTM, x: torch.Tensor) -> torch.Tensor:
     """The Diagonal BiLSTM pixel by pixel in image coordinates, no skewing."""
     b, _, height, width = x.shape
     h, groups = layer.hidden_channels, layer.groups
-    weight = layer.state_to_state.weight  # (8h, h, 2)
+    weight = layer.state_to_state  # (2, 4h, 2h): [above | left] per direction
     outs = []
     for d in range(2):
         xd = x if d == 0 else x.flip(-1)
         pre_is = layer.input_to_state[d](xd)
-        w_above, w_left = weight[4 * h * d : 4 * h * (d + 1)].unbind(-1)  # (4h, h) each
+        w_above, w_left = weight[d, :, :h], weight[d, :, h:]  # (4h, h) each
         hid = x.new_zeros(b, h, height, width)
         cell = x.new_zeros(b, groups, h // groups, height, width)
         for i in range(height):
@@ -194,7 +194,8 @@ def test_build_orders_channels_only_for_softmax_on_colour_images() -> None:
     for name in NAMES:
         if "softmax" in dl.list_heads():
             assert dl.build(name, "softmax", preset="tiny").backbone.channel_groups == 3
-            assert dl.build(name, "softmax", preset="tiny", channels=1).backbone.channel_groups == 1
+            grey = dl.build(name, "softmax", preset="tiny", channels=1)
+            assert grey.backbone.channel_groups == 1
         if "dlm" in dl.list_heads():
             assert dl.build(name, "dlm", preset="tiny").backbone.channel_groups == 1
 

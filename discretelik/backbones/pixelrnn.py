@@ -12,7 +12,8 @@ Architecture (table 2 of the paper)::
 
 Each residual block follows section 3.4: the LSTM reads the ``2h`` input features and returns
 ``h`` features, a 1x1 convolution (mask B) maps them back to ``2h`` and the block's input is
-added. The LSTM layers themselves live in [`discretelik.nn.recurrent`][discretelik.nn.recurrent.RowLSTM].
+added. The LSTM layers themselves live in
+[`discretelik.nn.recurrent`][discretelik.nn.recurrent.RowLSTM].
 
 Colour ordering: with ``channel_groups = C`` every feature map is ``C`` contiguous blocks and
 every masked convolution uses ``C`` colour groups, so block ``c`` at a pixel sees channels

@@ -8,33 +8,34 @@ Both layers split the LSTM update into an *input-to-state* part, a masked convol
 the whole input map computed once (vectorised over all positions), and a *state-to-state*
 part, a small convolution of the previous hidden state computed inside a loop:
 
-* [`RowLSTM`][discretelik.nn.recurrent.RowLSTM] loops over the ``H`` rows; the state-to-state kernel is a
-  1D convolution of width ``k`` over the previous row, which gives the triangular receptive
-  field of the paper (each row further up is one pixel wider on each side).
-* [`DiagonalBiLSTM`][discretelik.nn.recurrent.DiagonalBiLSTM] skews the map (row ``r`` shifted right by
-  ``r``, see [`skew`][discretelik.nn.recurrent.skew]) so that each diagonal of the image becomes a column,
-  and loops over the ``W + H - 1`` columns with a 2x1 state-to-state kernel: pixel ``(i, j)``
-  reads the states of ``(i - 1, j)`` (above) and ``(i, j - 1)`` (left), so its context is the
-  whole quadrant above-left. The second direction runs on the horizontally flipped map (the
-  quadrant above-right) and is shifted down one row before the two are summed, so that it
-  only brings in rows strictly above.
+* [`RowLSTM`][discretelik.nn.recurrent.RowLSTM] loops over the ``H`` rows; the state-to-state
+  kernel is a 1D convolution of width ``k`` over the previous row, which gives the triangular
+  receptive field of the paper (each row further up is one pixel wider on each side).
+* [`DiagonalBiLSTM`][discretelik.nn.recurrent.DiagonalBiLSTM] skews the map (row ``r``
+  shifted right by ``r``, see [`skew`][discretelik.nn.recurrent.skew]) so that each diagonal of
+  the image becomes a column, and loops over the ``W + H - 1`` columns with a 2x1
+  state-to-state kernel: pixel ``(i, j)`` reads the states of ``(i - 1, j)`` (above) and
+  ``(i, j - 1)`` (left), so its context is the whole quadrant above-left. The second
+  direction runs on the horizontally flipped map (the quadrant above-right) and is shifted
+  down one row before the two are summed, so that it only brings in rows strictly above.
 
 Gate layout and colour groups: the ``4 * hidden`` pre-activations are ``groups`` contiguous
 blocks (R, G, B when ``groups=3``), each holding the gates ``(i, f, o, g)`` of its
 ``hidden // groups`` units, and the hidden state is ``groups`` contiguous blocks likewise.
-The input-to-state convolution is a [`MaskedConv2d`][discretelik.nn.masked_conv.MaskedConv2d] of type B
-with the same groups, and each group's gates are computed from that group's pre-activations
-only, so hidden block ``c`` at a pixel sees input blocks ``<= c`` of that pixel. The
-state-to-state kernels are not masked: in both layers they only read states of strictly
-earlier pixels (previous row; left and above; the shifted right-to-left direction sees rows
-above only), which may carry every colour of those pixels.
+The input-to-state convolution is a
+[`MaskedConv2d`][discretelik.nn.masked_conv.MaskedConv2d] of type B with the same groups, and
+each group's gates are computed from that group's pre-activations only, so hidden block ``c``
+at a pixel sees input blocks ``<= c`` of that pixel. The state-to-state kernels are not
+masked: in both layers they only read states of strictly earlier pixels (previous row; left
+and above; the shifted right-to-left direction sees rows above only), which may carry every
+colour of those pixels.
 
-Departures from the paper: the paper writes one sigmoid over all four gates; as in every
-LSTM (and in its own text, "g" being the content gate) ``g`` uses ``tanh`` here. The
-forget-gate bias starts at 1 (a common LSTM initialisation that the paper does not state).
-The left-to-right and right-to-left directions of the Diagonal BiLSTM have separate weights
-and run in the same column loop (a grouped 1D convolution), so a layer takes
-``W + H - 1`` steps, not twice that.
+Departures from the paper: equation 3 of the paper applies the sigmoid to all four gates;
+here the content gate ``g`` uses ``tanh``, as in the standard LSTM. The forget-gate bias
+starts at 1 (a common LSTM initialisation that the paper does not state). The left-to-right
+and right-to-left directions of the Diagonal BiLSTM have separate weights and run in the same
+column loop (one batched matrix product per step), so a layer takes ``W + H - 1`` steps, not
+twice that.
 """
 
 from __future__ import annotations
@@ -151,10 +152,14 @@ class RowLSTM(nn.Module):
         hidden = x.new_zeros(b, self.groups, units, width)
         cell = torch.zeros_like(hidden)
         rows = []
-        for i in range(height):
-            hidden, cell = self.step(pre[:, :, i], hidden, cell)
+        # unbind, not pre[:, :, i]: indexing in a loop makes autograd build a full-size
+        # zero gradient per step (quadratic in H); unbind's backward is one stack.
+        # Rows first and contiguous, so each step reads one contiguous block.
+        for pre_row in pre.movedim(2, 0).contiguous().unbind(0):
+            hidden, cell = self.step(pre_row, hidden, cell)
             rows.append(hidden)
-        return torch.stack(rows, dim=-2).reshape(b, self.hidden_channels, height, width)
+        out = torch.stack(rows).view(height, b, self.hidden_channels, width)  # (H, B, h, W)
+        return out.movedim(0, 2)
 
 
 class DiagonalBiLSTM(nn.Module):
@@ -179,20 +184,25 @@ class DiagonalBiLSTM(nn.Module):
         self.input_to_state = nn.ModuleList(
             MaskedConv2d(in_channels, 4 * hidden_channels, 1, "B", groups=groups) for _ in range(2)
         )
-        # 2x1 kernel along a skewed column: tap 0 reads row r - 1 (the pixel above), tap 1 row r
-        # (the pixel to the left). groups=2 keeps the two directions apart in one call.
-        self.state_to_state = nn.Conv1d(
-            2 * hidden_channels, 8 * hidden_channels, 2, groups=2, bias=False
-        )
+        # The 2x1 state-to-state kernel along a skewed column, per direction: columns [:h] act
+        # on row r - 1 of the previous column (the pixel above), columns [h:] on row r (the
+        # pixel to the left). One batched matmul over both directions is faster on CPU than
+        # the equivalent grouped Conv1d; initialised like that Conv1d (fan-in 2h).
+        weight = torch.empty(2, 4 * hidden_channels, 2 * hidden_channels)
+        self.state_to_state = nn.Parameter(weight)
+        bound = (2 * hidden_channels) ** -0.5
+        nn.init.uniform_(self.state_to_state, -bound, bound)
         for conv in self.input_to_state:
             _init_forget_bias(conv.bias, groups)
 
     def step(self, pre_col: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
         """One skewed column: ``pre_col (B, 8h, H)``, ``hidden``/``cell`` ``(B, 2G, U, H)``."""
         b, _, height = pre_col.shape
-        # Pad one zero row on top: the first row has no pixel above it.
-        above_left = F.pad(hidden.reshape(b, 2 * self.hidden_channels, height), (1, 0))
-        pre = pre_col + self.state_to_state(above_left)
+        left = hidden.reshape(b, 2, self.hidden_channels, height)  # (B, direction, h, H)
+        # Row r - 1 moved to row r; a zero row on top: the first row has no pixel above it.
+        above = F.pad(left, (1, -1))
+        state = torch.matmul(self.state_to_state, torch.cat([above, left], dim=2))  # (B, 2, 4h, H)
+        pre = pre_col + state.view(b, -1, height)
         return lstm_update(pre.view(b, 2 * self.groups, 4, -1, height), cell)
 
     def forward(self, x: Tensor, gate_bias: Tensor | None = None) -> Tensor:
@@ -209,10 +219,13 @@ class DiagonalBiLSTM(nn.Module):
         hidden = x.new_zeros(b, 2 * self.groups, h // self.groups, height)
         cell = torch.zeros_like(hidden)
         cols = []
-        for t in range(width + height - 1):
-            hidden, cell = self.step(pre[..., t], hidden, cell)
+        # One step per skewed column, W + H - 1 in all (unbind: see RowLSTM.forward).
+        # Columns first and contiguous, so each step reads one contiguous block.
+        for pre_col in pre.movedim(-1, 0).contiguous().unbind(0):
+            hidden, cell = self.step(pre_col, hidden, cell)
             cols.append(hidden)
-        out = unskew(torch.stack(cols, dim=-1).reshape(b, 2 * h, height, -1), width)
+        out = torch.stack(cols).view(-1, b, 2 * h, height)  # (W + H - 1, B, 2h, H)
+        out = unskew(out.movedim(0, -1), width)
         left, right = out[:, :h], out[:, h:].flip(-1)
         # Right-to-left state at (i, j) has seen (i, j + 1), (i, j + 2), ...: a later pixel.
         # One row down it only covers rows above the pixel it is added to.
