@@ -1,4 +1,4 @@
-"""Building blocks of PixelCNN++: shifted (transposed) convolutions, concat_elu, NIN, weight norm."""
+"""PixelCNN++ building blocks: shifted (transposed) convolutions, concat_elu, NIN, weight norm."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_down_and_right_shift_move_by_one_and_zero_fill() -> None:
     d = down_shift(x)
     assert torch.equal(d[0, 0, 0], torch.zeros(4)) and torch.equal(d[0, 0, 1:], x[0, 0, :-1])
     r = right_shift(x)
-    assert torch.equal(r[0, 0, :, 0], torch.zeros(3)) and torch.equal(r[0, 0, :, 1:], x[0, 0, :, :-1])
+    assert torch.equal(r[0, 0, :, 0], torch.zeros(3))
+    assert torch.equal(r[0, 0, :, 1:], x[0, 0, :, :-1])
     assert down_shift(torch.ones(2, 3, 1, 5)).abs().sum() == 0  # one row: all padding
 
 
@@ -195,8 +196,11 @@ def test_weight_norm_dims_and_reconstruction() -> None:
 
 def test_weight_norm_counts_and_init_scale() -> None:
     # g adds one parameter per output channel.
-    assert sum(p.numel() for p in DownShiftedConv2d(4, 8).parameters()) == 2 * 3 * 4 * 8 + 8 + 8
-    assert sum(p.numel() for p in DownShiftedConv2d(4, 8, weight_norm=False).parameters()) == 2 * 3 * 4 * 8 + 8
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(DownShiftedConv2d(4, 8)) == 2 * 3 * 4 * 8 + 8 + 8  # v, b, g
+    assert count(DownShiftedConv2d(4, 8, weight_norm=False)) == 2 * 3 * 4 * 8 + 8
     torch.manual_seed(0)
     a = DownShiftedConv2d(4, 8)
     torch.manual_seed(0)
@@ -256,7 +260,8 @@ def test_data_dependent_init_normalises_every_layer() -> None:
         t = out.movedim(ch, -1).reshape(-1, out.shape[ch])
         target = 0.1 if name == "b.conv" else 1.0
         torch.testing.assert_close(t.mean(0), torch.zeros(t.shape[1]), atol=1e-5, rtol=0)
-        torch.testing.assert_close(t.std(0, unbiased=False), torch.full((t.shape[1],), target), atol=1e-4, rtol=0)
+        std = t.std(0, unbiased=False)
+        torch.testing.assert_close(std, torch.full_like(std, target), atol=1e-4, rtol=0)
 
 
 def test_data_dependent_init_on_pixelcnn_pp_with_labels() -> None:

@@ -10,10 +10,10 @@ inputs it reads (with the default kernel sizes)::
 
 Both include the output's own row (and, for the down-right one, its own position), so on their
 own they are not strictly causal: the PixelCNN++ network applies them to the image only once,
-followed by [`down_shift`][discretelik.nn.down_shift] (everything moves one row down) or
-[`right_shift`][discretelik.nn.right_shift] (one column right), and after that every feature at
-``(i, j)`` already depends only on pixels before ``(i, j)``; the stacked shifted convolutions
-keep it that way.
+followed by [`down_shift`][discretelik.nn.shifted_conv.down_shift] (everything moves one row
+down) or [`right_shift`][discretelik.nn.shifted_conv.right_shift] (one column right), and after
+that every feature at ``(i, j)`` already depends only on pixels before ``(i, j)``; the stacked
+shifted convolutions keep it that way.
 
 With ``stride=2`` the convolutions halve the resolution (``H -> ceil(H / 2)``); the
 transposed versions double it (``H -> 2 H``) and are cropped as in openai (``output_padding =
@@ -64,7 +64,8 @@ def right_shift(x: Tensor) -> Tensor:
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)
+    if len(pair) != 2 or not ok:
         raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
     return pair  # type: ignore[return-value]
 
@@ -125,7 +126,7 @@ class DownShiftedConv2d(_Shifted):
             the first layer of the up-left stream).
         stride: ``1``, or ``2`` to halve the resolution.
         weight_norm: Weight-normalise the kernel.
-        init_scale: See [`apply_weight_norm`][discretelik.nn.apply_weight_norm].
+        init_scale: See [`apply_weight_norm`][discretelik.nn.weight_norm.apply_weight_norm].
 
     Shapes:
         float ``(B, in_channels, H, W) -> (B, out_channels, ceil(H / s), ceil(W / s))``.
@@ -151,7 +152,7 @@ class DownShiftedConv2d(_Shifted):
 
 
 class DownRightShiftedConv2d(_Shifted):
-    """Convolution that sees its own position, the ``kh - 1`` rows above and ``kw - 1`` columns left.
+    """Convolution that sees its own position, ``kh - 1`` rows up and ``kw - 1`` columns left.
 
     The input is padded by ``kh - 1`` rows on top and ``kw - 1`` columns on the left (openai
     ``down_right_shifted_conv2d``).
@@ -162,7 +163,7 @@ class DownRightShiftedConv2d(_Shifted):
         kernel_size: ``(kh, kw)``; openai uses ``(2, 2)`` (and ``(2, 1)`` for the first layer).
         stride: ``1``, or ``2`` to halve the resolution.
         weight_norm: Weight-normalise the kernel.
-        init_scale: See [`apply_weight_norm`][discretelik.nn.apply_weight_norm].
+        init_scale: See [`apply_weight_norm`][discretelik.nn.weight_norm.apply_weight_norm].
 
     Shapes:
         float ``(B, in_channels, H, W) -> (B, out_channels, ceil(H / s), ceil(W / s))``.
@@ -198,7 +199,7 @@ class DownShiftedConvTranspose2d(_Shifted):
         kernel_size: ``(kh, kw)`` with odd ``kw``; openai uses ``(2, 3)``.
         stride: Up-sampling factor (2 in PixelCNN++).
         weight_norm: Weight-normalise the kernel (``g`` per output channel: ``dim=1``).
-        init_scale: See [`apply_weight_norm`][discretelik.nn.apply_weight_norm].
+        init_scale: See [`apply_weight_norm`][discretelik.nn.weight_norm.apply_weight_norm].
 
     Shapes:
         float ``(B, in_channels, H, W) -> (B, out_channels, s H, s W)``.
@@ -240,7 +241,7 @@ class DownRightShiftedConvTranspose2d(_Shifted):
         kernel_size: ``(kh, kw)``; openai uses ``(2, 2)``.
         stride: Up-sampling factor (2 in PixelCNN++).
         weight_norm: Weight-normalise the kernel (``g`` per output channel: ``dim=1``).
-        init_scale: See [`apply_weight_norm`][discretelik.nn.apply_weight_norm].
+        init_scale: See [`apply_weight_norm`][discretelik.nn.weight_norm.apply_weight_norm].
 
     Shapes:
         float ``(B, in_channels, H, W) -> (B, out_channels, s H, s W)``.

@@ -4,11 +4,11 @@ Weight normalisation (Salimans & Kingma, 2016) writes each output unit's weight 
 ``w = g * v / ||v||``. We use PyTorch's own ``torch.nn.utils.parametrizations.weight_norm``, so
 the parameters are ``parametrizations.weight.original0`` (``g``) and ``original1`` (``v``) and
 ``state_dict``, optimizers and ``torch.compile`` all see ordinary parameters.
-[`apply_weight_norm`][discretelik.nn.apply_weight_norm] picks the output dimension for the
-layer type (``dim=0`` for ``Conv*d`` and ``Linear``, ``dim=1`` for ``ConvTranspose*d``, whose
-weight is ``(in, out, ...)``).
+[`apply_weight_norm`][discretelik.nn.weight_norm.apply_weight_norm] picks the output dimension
+for the layer type (``dim=0`` for ``Conv*d`` and ``Linear``, ``dim=1`` for
+``ConvTranspose*d``, whose weight is ``(in, out, ...)``).
 
-[`data_dependent_init`][discretelik.nn.data_dependent_init] is the initialisation of
+[`data_dependent_init`][discretelik.nn.weight_norm.data_dependent_init] is the initialisation of
 openai/pixel-cnn (``init=True`` pass in ``pixel_cnn_pp/nn.py``): one batch goes through the
 model and every weight-normed layer, in the order it is first called, sets ``g`` and the bias
 ``b`` so that its output has zero mean and variance ``init_scale**2`` per channel over that
@@ -41,9 +41,9 @@ def apply_weight_norm(module: nn.Module, init_scale: float = 1.0) -> nn.Module:
     Args:
         module: An ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``.
         init_scale: Target standard deviation of the layer's outputs for
-            [`data_dependent_init`][discretelik.nn.data_dependent_init] (openai uses 0.1 for
-            the last convolution of each gated residual block so that the residual branches
-            start small). It also scales the default initialisation (``g`` is multiplied by
+            [`data_dependent_init`][discretelik.nn.weight_norm.data_dependent_init] (openai
+            uses 0.1 for the last convolution of each gated residual block so that the residual
+            branches start small). It also scales the default initialisation (``g`` is multiplied by
             it) so that a model used without data-dependent init starts the same way.
 
     Returns:
@@ -92,9 +92,10 @@ def data_dependent_init(
 ) -> int:
     """Initialise every weight-normed layer of ``model`` from one batch (PixelCNN++ style).
 
-    Each weight-normed layer (see [`is_weight_normed`][discretelik.nn.is_weight_normed]) is
-    initialised the first time it is called during one forward pass of ``model``: with
-    ``g = 1`` and ``b = 0`` it computes ``t = conv(input, v / ||v||)``; then per output channel
+    Each weight-normed layer (see
+    [`is_weight_normed`][discretelik.nn.weight_norm.is_weight_normed]) is initialised the first
+    time it is called during one forward pass of ``model``: with ``g = 1`` and ``b = 0`` it
+    computes ``t = conv(input, v / ||v||)``; then per output channel
     ``g = init_scale / sqrt(var(t) + eps)`` and ``b = -mean(t) * g`` (mean and variance over
     the batch and spatial positions), and the layer passes on ``g * t + b`` so that later layers
     are initialised on already-normalised inputs. ``v`` keeps its (random) direction.
@@ -116,8 +117,9 @@ def data_dependent_init(
         input are not).
 
     Example:
-        >>> net = create_backbone("pixelcnn++", preset="tiny")
+        >>> net = discretelik.create_backbone("pixelcnn++", preset="tiny")
         >>> data_dependent_init(net, torch.rand(16, 3, 32, 32) * 2 - 1)
+        56
     """
     done: set[int] = set()
     handles = []
