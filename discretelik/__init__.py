@@ -7,7 +7,19 @@ model = build("pixelcnn++", "dlm", preset="tiny")
 """
 
 from .backbones import Backbone, Conditioning
+from .backbones.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from .backbones.pixelcnn import PixelCNN, PixelCNNConfig
+from .backbones.pixelcnn_pp import PixelCNNPP, PixelCNNPPConfig
+from .backbones.pixelrnn import (
+    DiagonalBiLSTMBackbone,
+    DiagonalBiLSTMConfig,
+    RowLSTMBackbone,
+    RowLSTMConfig,
+)
 from .heads import DiscreteImageDistribution, Head
+from .heads.gaussian import DiscretizedGaussian, DiscretizedGaussianDistribution
+from .heads.logistic import DiscretizedLogisticMixture, DiscretizedLogisticMixtureDistribution
+from .heads.softmax import DiscreteSoftmax, DiscreteSoftmaxDistribution
 from .metrics import bits_per_dim
 from .model import AutoregressiveModel, build
 from .registry import (
@@ -27,11 +39,30 @@ from .sampling import sample_raster
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoregressiveModel",
+    # heads and their distributions
+    "DiscretizedLogisticMixture",
+    "DiscretizedLogisticMixtureDistribution",
+    "DiscreteSoftmax",
+    "DiscreteSoftmaxDistribution",
+    "DiscretizedGaussian",
+    "DiscretizedGaussianDistribution",
+    "Head",
+    "DiscreteImageDistribution",
+    # backbones and their configs
+    "PixelCNN",
+    "PixelCNNConfig",
+    "GatedPixelCNN",
+    "GatedPixelCNNConfig",
+    "PixelCNNPP",
+    "PixelCNNPPConfig",
+    "RowLSTMBackbone",
+    "RowLSTMConfig",
+    "DiagonalBiLSTMBackbone",
+    "DiagonalBiLSTMConfig",
     "Backbone",
     "Conditioning",
-    "DiscreteImageDistribution",
-    "Head",
+    # composition, sampling, metrics, registry
+    "AutoregressiveModel",
     "backbone_config",
     "backbone_presets",
     "bits_per_dim",

@@ -41,7 +41,6 @@ class Backbone(nn.Module):
         in_channels: Image channels ``C``.
         out_channels: Feature channels ``F``.
         channel_groups: ``1`` or ``C``, see the module docstring.
-        min_size: Smallest ``(H, W)`` the backbone accepts.
         size_multiple: ``H`` and ``W`` must be multiples of this (4 for the PixelCNN++ U-Net).
     """
 
