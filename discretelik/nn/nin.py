@@ -21,7 +21,7 @@ class NIN(nn.Module):
         in_channels: Input channels.
         out_channels: Output channels.
         weight_norm: Weight-normalise the kernel (``g`` per output channel).
-        init_scale: See [`apply_weight_norm`][discretelik.nn.apply_weight_norm].
+        init_scale: See [`apply_weight_norm`][discretelik.nn.weight_norm.apply_weight_norm].
 
     Shapes:
         float ``(B, in_channels, H, W) -> (B, out_channels, H, W)``.
