@@ -170,6 +170,20 @@ def test_class_conditioning_changes_output_and_validates_labels() -> None:
             net(x, bad)
 
 
+def test_gated_resnet_and_constructor_argument_errors() -> None:
+    layer = GatedResNet(4, DownShiftedConv2d, aux_channels=4, num_classes=3)
+    x = torch.randn(2, 4, 4, 4)
+    assert layer(x, x, torch.tensor([0, 2])).shape == x.shape
+    with pytest.raises(ValueError, match="aux"):
+        layer(x, label=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="label"):
+        layer(x, x)
+    with pytest.raises(ValueError, match="label"):
+        GatedResNet(4, DownShiftedConv2d)(x, label=torch.tensor([0, 2]))
+    with pytest.raises(TypeError, match="config"):
+        PixelCNNPP({"nr_filters": 8})  # type: ignore[arg-type]
+
+
 def test_dropout_is_elementwise_and_off_in_eval() -> None:
     torch.manual_seed(0)
     net = tiny(dropout=0.5).train()

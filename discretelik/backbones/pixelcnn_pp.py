@@ -82,26 +82,31 @@ __all__ = ["GatedResNet", "PixelCNNPP", "PixelCNNPPConfig"]
 
 @dataclass
 class PixelCNNPPConfig:
-    """Configuration of [`PixelCNNPP`][discretelik.backbones.pixelcnn_pp.PixelCNNPP].
+    """Options of the ``"pixelcnn++"`` backbone; the defaults are the ``"paper"`` preset.
 
-    The defaults are the paper's CIFAR-10 model (openai ``train.py`` defaults).
+    Attributes:
+        in_channels: Image channels ``C`` (``build()`` sets it from the model's channels).
+        nr_filters: Features ``F`` of every layer of both streams, and the backbone's
+            ``out_channels`` (160 in the paper and openai; the head's 1x1 projection plays the
+            part of openai's last ``nin``).
+        nr_resnet: Gated residual layers per block (5: "6 blocks of 5 ResNet layers"). The down
+            pass has ``nr_resnet``, ``nr_resnet + 1``, ``nr_resnet + 1`` layers per block, as
+            in openai.
+        dropout: Element-wise dropout on each residual branch's hidden layer (0.5, openai's
+            CIFAR-10 setting: the paper notes the model overfits without it).
+        num_classes: ``None`` (unconditional), or the number of classes: a learned per-layer
+            projection of the one-hot label is added inside every gated residual layer
+            (openai's ``h``).
+        weight_norm: Weight-normalise every convolution, transposed convolution and NIN as
+            openai does; ``False`` gives plain layers (no ``g``, no data-dependent init).
     """
 
-    # Image channels C; build() overrides it with the model's channels.
     in_channels: int = 3
-    # Features F of every layer of both streams; also the backbone's out_channels (paper: 160).
-    nr_filters: int = 160
-    # Gated residual layers per block; "6 blocks of 5 ResNet layers" in the paper.
-    nr_resnet: int = 5
-    # Element-wise dropout on each residual branch's hidden layer; 0.5 is openai's CIFAR-10
-    # setting, which the paper needs because the model overfits without it.
-    dropout: float = 0.5
-    # None: unconditional. An int: class-conditional on labels in [0, num_classes - 1], through
-    # a learned per-layer projection added inside every gated residual layer (openai's ``h``).
-    num_classes: int | None = None
-    # Weight-normalise every conv / transposed conv / nin as openai does; False gives plain
-    # layers (fewer parameters, no data-dependent init).
-    weight_norm: bool = True
+    nr_filters: int = 160  # paper
+    nr_resnet: int = 5  # paper
+    dropout: float = 0.5  # openai CIFAR-10
+    num_classes: int | None = None  # unconditional, as the paper's CIFAR-10 results
+    weight_norm: bool = True  # openai: every layer
 
     def __post_init__(self) -> None:
         check_int(self.in_channels, "in_channels", 1)
@@ -178,7 +183,12 @@ class GatedResNet(nn.Module):
                 raise ValueError("aux must be given: this layer was built with a short-cut input")
             c1 = c1 + self.aux(concat_elu(aux))
         c2 = self.conv2(self.dropout(concat_elu(c1)))
-        if self.class_proj is not None and label is not None:
+        if (self.class_proj is None) != (label is None):
+            raise ValueError(
+                "label must be given exactly when the layer was built with num_classes "
+                f"(num_classes={None if self.class_proj is None else self.class_proj.shape[0]})"
+            )
+        if self.class_proj is not None:
             c2 = c2 + F.embedding(label, self.class_proj)[:, :, None, None]  # (B, 2F, 1, 1)
         a, b = c2.chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
