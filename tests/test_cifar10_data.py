@@ -1,0 +1,165 @@
+"""CIFAR-10 readers: the three layouts, safe unpickling, clear errors on bad paths and files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from discretelik.data import load_bundled
+from discretelik.data.cifar10 import UnsafePickleError, load_cifar10, read_cifar10_pickle
+
+SHARED = Path("/work/shared/data/cifar10")
+TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Random uint8 NHWC images (N, 32, 32, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _planar(x: np.ndarray) -> np.ndarray:
+    """NHWC -> the official (N, 3072) channel-planar rows."""
+    return x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+
+
+def _write_official(folder: Path, sizes: dict[str, int], py2_style: bool) -> dict[str, tuple]:
+    """Write pickled batches like the official archive; returns name -> (NHWC images, labels)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for k, (name, n) in enumerate(sizes.items()):
+        x, y = _images(n, k), [int(v) for v in np.arange(n) % 10]
+        if py2_style:  # bytes keys and protocol 2, as Python 2's cPickle wrote them
+            obj = {b"batch_label": name.encode(), b"labels": y, b"data": _planar(x),
+                   b"filenames": [b"img%d.png" % i for i in range(n)]}
+            data = pickle.dumps(obj, protocol=2)
+        else:
+            obj = {"batch_label": name, "labels": y, "data": _planar(x)}
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        (folder / name).write_bytes(data)
+        written[name] = (x, np.array(y))
+    return written
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("py2_style", [True, False])
+def test_official_pickles(tmp_path: Path, py2_style: bool) -> None:
+    sizes = {**{n: 3 for n in TRAIN}, "test_batch": 2}
+    written = _write_official(tmp_path / "cifar-10-batches-py", sizes, py2_style)
+    for split, names in (("train", TRAIN), ("test", ["test_batch"])):
+        for root in (tmp_path, tmp_path / "cifar-10-batches-py"):  # parent or the folder itself
+            x, y = load_cifar10(root, split)
+            assert x.dtype == torch.uint8 and y.dtype == torch.int64
+            assert torch.equal(x, torch.cat([_nchw(written[n][0]) for n in names]))
+            assert torch.equal(y, torch.cat([torch.from_numpy(written[n][1]) for n in names]))
+
+
+def test_shared_npz_layout_and_single_npz(tmp_path: Path) -> None:
+    parts = {n: (_images(4, i), np.arange(4, dtype=np.uint8) + i) for i, n in enumerate(TRAIN)}
+    parts["test_batch"] = (_images(2, 9), np.array([9, 0], dtype=np.uint8))
+    for name, (x, y) in parts.items():
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    x, y = load_cifar10(tmp_path, "train")
+    assert x.shape == (20, 3, 32, 32)
+    assert torch.equal(x[4:8], _nchw(parts["data_batch_2"][0]))
+    assert y.tolist()[4:8] == [1, 2, 3, 4]
+    single = tmp_path / "cifar.npz"
+    np.savez(single, x_train=parts["data_batch_1"][0], y_train=parts["data_batch_1"][1],
+             x_test=parts["test_batch"][0], y_test=parts["test_batch"][1])
+    xt, yt = load_cifar10(single, "test")
+    assert torch.equal(xt, _nchw(parts["test_batch"][0])) and yt.tolist() == [9, 0]
+
+
+class _Exploit:
+    """Pickles to a call of os.system: what the restricted unpickler must refuse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_with_code_is_refused_before_running(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "data_batch_1"
+    bad.write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0],
+                                  "x": _Exploit(marker)}))
+    with pytest.raises(UnsafePickleError, match=r"refusing to load global (posix|os|nt)\.system"):
+        read_cifar10_pickle(bad)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"not a pickle at all", "not a readable CIFAR-10 python batch"),
+        (pickle.dumps([1, 2, 3]), "expected a pickled dict"),
+        (pickle.dumps({"labels": [0]}), "missing \\['data'\\]"),
+        (pickle.dumps({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}),
+         r"'data' must be a uint8 array \(N, 3072\)"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]}),
+         "2 images but 1 labels"),
+        (pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [10]}),
+         r"labels must lie in \[0, 9\]"),
+    ],
+)
+def test_malformed_pickles_name_the_file(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as info:
+        read_cifar10_pickle(path)
+    assert str(path) in str(info.value)
+
+
+def test_malformed_npz_files(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a readable .npz file"):
+        load_cifar10(garbage)
+    missing = tmp_path / "missing.npz"
+    np.savez(missing, x_train=_images(1, 0))
+    with pytest.raises(ValueError, match=r"missing \['y_train'\]"):
+        load_cifar10(missing)
+    nchw = tmp_path / "nchw.npz"
+    np.savez(nchw, x_train=np.zeros((1, 3, 32, 32), np.uint8), y_train=np.zeros(1, np.uint8))
+    with pytest.raises(ValueError, match=r"uint8 \(N, 32, 32, 3\) NHWC"):
+        load_cifar10(nchw)
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, x_train=np.array([None], dtype=object), y_train=np.zeros(1, np.uint8))
+    with pytest.raises(ValueError, match=str(objects)):  # allow_pickle=False refuses it
+        load_cifar10(objects)
+
+
+def test_wrong_path_says_where_to_put_the_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        load_cifar10(tmp_path / "nowhere")
+    message = str(info.value)
+    assert "nowhere" in message and "cifar-10-batches-py" in message
+    assert "data_batch_1.npz" in message and "x_train" in message and "download" in message
+    (tmp_path / "data_batch_1").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_cifar10(tmp_path, "train")
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        load_cifar10(tmp_path, "val")
+    with pytest.raises(TypeError, match="root must be a path"):
+        load_cifar10(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the project's shared CIFAR-10 copy is absent")
+def test_shared_copy_matches_published_hash_and_bundled_subset() -> None:
+    x, y = load_cifar10(SHARED, "test")
+    nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+    expected = "f9b1e2130bab680db56eb06d886f7f1ad0f1183907ceff4659d1735c890f5b04"
+    assert hashlib.sha256(nhwc.tobytes()).hexdigest() == expected
+    assert torch.bincount(y).tolist() == [1000] * 10
+    bx, by = load_bundled("cifar10", "test")
+    assert torch.equal(bx, x[: len(bx)]) and torch.equal(by, y[: len(by)])
