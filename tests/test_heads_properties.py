@@ -114,8 +114,13 @@ def test_mean_is_expected_level(name: str, channels: int, bins: int) -> None:
 @pytest.mark.parametrize("name", HEADS)
 def test_sampling_matches_log_prob(name: str, channels: int, bins: int) -> None:
     head = make(name, channels, bins)
-    for seed in (0, 1):
-        check_sampling_matches_log_prob(head, seed=seed, num_samples=20000, p_threshold=1e-4)
+    for scale in (1.0, 3.0):  # spread out and peaked
+        for seed in (0, 1):
+            gen = torch.Generator().manual_seed(seed)
+            params = torch.randn(1, head.param_channels, 1, 1, generator=gen) * scale
+            check_sampling_matches_log_prob(
+                head, params, seed=seed, num_samples=20000, p_threshold=1e-4
+            )
 
 
 def _tv(dist_a, dist_b, channels: int, bins: int) -> float:
