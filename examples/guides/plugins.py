@@ -32,8 +32,8 @@ from torch import Tensor, nn
 import discretelik as dl
 from discretelik.data import load_bundled
 from discretelik.nn import MaskedConv2d
-from discretelik.testing import check_causality
-from discretelik.testing.heads import (
+from discretelik.testing import (
+    check_causality,
     check_head_contract,
     check_head_finite,
     check_head_mean,

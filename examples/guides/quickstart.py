@@ -4,6 +4,7 @@ Runs on a CPU in about a minute at the default sizes; ``--tiny`` (what CI runs) 
 
     python examples/guides/quickstart.py            # PixelCNN++ + logistic mixture, 32x32
     python examples/guides/quickstart.py --tiny     # 8x8 crops, a handful of steps
+    python examples/guides/quickstart.py --out samples.png   # also write a PNG grid
 
 The guide that walks through this file is ``docs/guides/quickstart.md``.
 """
@@ -18,6 +19,7 @@ import torch
 
 import discretelik as dl
 from discretelik.data import load_bundled
+from discretelik.train import save_image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head", default="dlm")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the samples as a PNG grid here")
     return p.parse_args(argv)
 
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     samples = model.sample(2 if args.tiny else 4, (hw, hw), generator=torch.Generator().manual_seed(0))
     print(f"samples: shape {tuple(samples.shape)}, dtype {samples.dtype}, "
           f"levels {int(samples.min())}..{int(samples.max())}")
+    if args.out:
+        print(f"wrote {save_image_grid(args.out, samples)}")
     return {"before": before, "after": after, "ms_per_step": per_step * 1e3}
 
 

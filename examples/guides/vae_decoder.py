@@ -23,8 +23,10 @@ from torch import Tensor, nn
 
 from discretelik import DiscretizedLogisticMixture
 from discretelik.data import load_bundled
+from discretelik.train import save_image_grid
 
 
+# --8<-- [start:model]
 class Encoder(nn.Module):
     """uint8 images (B, 3, 32, 32) -> mean and log-variance of q(z | x), each (B, D, 8, 8)."""
 
@@ -78,6 +80,7 @@ class VAE(nn.Module):
         """int64 images (n, 3, 32, 32) drawn from p(z) p(x | z)."""
         z = torch.randn(n, self.latent, 8, 8, generator=generator)
         return self.head(self.decoder(z)).sample(generator=generator)
+# --8<-- [end:model]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tiny sizes for CI (also set by the DISCRETELIK_TINY env var)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the samples as a PNG grid here")
     return p.parse_args(argv)
 
 
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     samples = vae.sample(4, generator=torch.Generator().manual_seed(0))
     print(f"samples: shape {tuple(samples.shape)}, dtype {samples.dtype}")
+    if args.out:
+        print(f"wrote {save_image_grid(args.out, samples)}")
     return {"test_bound": bound}
 
 

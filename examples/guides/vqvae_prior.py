@@ -25,8 +25,10 @@ from torch import Tensor, nn
 import discretelik as dl
 from discretelik import DiscretizedLogisticMixture
 from discretelik.data import load_bundled
+from discretelik.train import save_image_grid
 
 
+# --8<-- [start:vqvae]
 class VQVAE(nn.Module):
     """uint8 digits (B, 1, 28, 28) <-> int64 codes (B, 1, 7, 7) in [0, codebook_size)."""
 
@@ -67,6 +69,7 @@ class VQVAE(nn.Module):
         zq = z + (zq - z).detach()                                       # straight-through
         nll = -self.head(self.decoder(zq)).log_prob(x) / x[0].numel()    # nats per pixel
         return nll.mean() + vq
+# --8<-- [end:vqvae]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vq-steps", type=int, default=None)
     p.add_argument("--prior-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the samples as a PNG grid here")
     return p.parse_args(argv)
 
 
@@ -117,11 +121,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"codes: {tuple(codes_train.shape)}, {used} of {K} codebook entries in use")
 
     # Stage 2: the prior. channels=1 (one code per position), bins = codebook size.
+    # --8<-- [start:prior]
+    size = {} if args.tiny else dict(hidden_channels=32, n_layers=5, out_channels=64)
     if args.cond == "class":
-        prior = dl.build("gated_pixelcnn", "softmax", channels=1, bins=K, preset="tiny", num_classes=10)
+        prior = dl.build("gated_pixelcnn", "softmax", channels=1, bins=K, preset="tiny",
+                         num_classes=10, **size)
         cond_train, cond_test = y_train, y_test                  # int64 (B,)
     else:
-        prior = dl.build("gated_pixelcnn", "softmax", channels=1, bins=K, preset="tiny", cond_channels=1)
+        prior = dl.build("gated_pixelcnn", "softmax", channels=1, bins=K, preset="tiny",
+                         cond_channels=1, cond_upsample="bilinear", **size)
         cond_train, cond_test = spatial_cond(x_train), spatial_cond(x_test)  # float (B, 1, 4, 4)
     opt = torch.optim.Adam(prior.parameters(), lr=2e-3)
     for step in range(1, prior_steps + 1):
@@ -144,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     codes = prior.sample(n, (7, 7), cond=cond, generator=gen)           # int64 (n, 1, 7, 7)
     with torch.no_grad():
         images = vqvae.decode(codes[:, 0]).sample(generator=gen)        # int64 (n, 1, 28, 28)
+    # --8<-- [end:prior]
     print(f"sampled codes {tuple(codes.shape)} -> images {tuple(images.shape)} {images.dtype}")
+    if args.out:
+        print(f"wrote {save_image_grid(args.out, images)}")
     return {"test_bits_per_code": test_bits}
 
 
