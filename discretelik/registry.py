@@ -53,7 +53,12 @@ class _Registry:
         self._entry_points_loaded = False
 
     def register(self, entry: _Entry) -> None:
-        for key in (entry.name, *entry.aliases):
+        keys = (entry.name, *entry.aliases)
+        if len(set(keys)) != len(keys):
+            raise ValueError(
+                f"{self.kind} {entry.name!r} lists a name more than once: name and aliases {keys}"
+            )
+        for key in keys:
             if not isinstance(key, str) or not key:
                 raise TypeError(f"{self.kind} names must be non-empty strings, got {key!r}")
             if key in self._entries or key in self._aliases:

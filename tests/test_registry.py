@@ -97,11 +97,6 @@ def test_duplicate_names_raise_and_register_nothing(isolated: None) -> None:
         register_head("")(DiscreteSoftmax)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="registry.py checks the new keys only against existing entries, not against each "
-    "other, so a name repeated among (name, *aliases) registers silently",
-)
 def test_name_repeated_in_its_own_aliases_raises(isolated: None) -> None:
     with pytest.raises(ValueError, match="'twin'"):
         register_head("twin", aliases=("twin",))(DiscreteSoftmax)
