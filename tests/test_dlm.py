@@ -5,6 +5,8 @@
   imports it with ``scipy.stats.norm``.
 * openai/pixel-cnn's ``discretized_mix_logistic_loss``, re-implemented in numpy from its formula
   in its NHWC layout, must agree with the head on the same parameters moved to NCHW.
+* High-precision (mpmath) bin masses check the log-space formulas from the centre to ~1e7
+  scales out, for bins of width down to 1e-30; ``test_gaussian.py`` reuses them.
 * Layout, coupling, sampling and mean are shared code, so those tests run on both heads.
 
 Generic properties (normalization, chi-square goodness of fit, bad inputs, autocast) are in
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -234,6 +237,91 @@ def test_openai_coefficient_slots() -> None:
         torch.testing.assert_close(
             changed, head.distribution(by_hand).elementwise_log_prob(x).flatten()
         )
+
+
+# -- high-precision bin masses ----------------------------------------------------------------
+def logistic_cdf(z):
+    return 1 / (1 + mpmath.exp(-z))
+
+
+def mp_log_mass(cdf, level: int, bins: int, loc, log_scale: float):
+    """``log P(x = level)`` in mpmath (call inside ``mpmath.workdps``), edges included.
+
+    ``cdf`` is the standard CDF of a symmetric family (``logistic_cdf``, ``mpmath.ncdf``).
+    """
+    n = bins - 1
+    scale = mpmath.exp(max(mpmath.mpf(log_scale), -7))
+    upper = (mpmath.mpf(2 * level + 1 - n) / n - loc) / scale
+    lower = (mpmath.mpf(2 * level - 1 - n) / n - loc) / scale
+    if level == 0:
+        return mpmath.log(cdf(upper))
+    if level == n:
+        return mpmath.log(cdf(-lower))
+    if lower > 0:  # right of the mean: the same mass from the mirrored, small CDFs
+        upper, lower = -lower, -upper
+    return mpmath.log(cdf(upper) - cdf(lower))
+
+
+def high_precision_cases() -> list[tuple[int, int, float, float]]:
+    """``(level, bins, loc, log_scale)``: centre, tails up to ~1e7 scales, narrow bins down to
+    width ~1e-30 (below float32's range, reached only through the log-scale), bins straddling
+    the mean, both sides of the Gaussian's narrow-bin series threshold, and an edge exactly on
+    the mean."""
+    cases = []
+    for bins in (3, 256, 65536):
+        n = bins - 1
+        for level in sorted({0, 1, n // 2, n - 1, n}):
+            centre = (2 * level - n) / n
+            for offset in (0.0, 1e-3, -0.4, 0.9, -3.0, 40.0, -1e4, 1e4):
+                for log_scale in (-7.0, -3.0, 0.0, 2.0, 30.0, 65.0):
+                    cases.append((level, bins, centre - offset, log_scale))
+    n = 255
+    for factor in (0.999, 1.001):  # h (1 + |m|) = 0.05 (1 -+ 1e-3)
+        for m in (0.0, -3.0, 12.0):
+            scale = (1 / n) / (0.05 * factor / (1 + abs(m)))
+            cases.append((100, 256, (2 * 100 - n) / n - m * scale, math.log(scale)))
+    cases.append((3, 8, 1 / 7, -7.0))  # the upper edge of level 3 of 8 is 0
+    return cases
+
+
+def our_log_masses(head_cls, dtype: torch.dtype, cases):
+    """Our ``log P(x = level)`` and its derivative wrt the location, float64 ``(len(cases),)``."""
+    out, grads = [], []
+    for bins in sorted({case[1] for case in cases}):
+        rows = [case for case in cases if case[1] == bins]
+        params = torch.tensor([[0.0, loc, ls] for _, _, loc, ls in rows], dtype=dtype)
+        params = params.reshape(-1, 3, 1, 1).requires_grad_(True)
+        levels = torch.tensor([level for level, *_ in rows]).reshape(-1, 1, 1, 1)
+        lp = head_cls(channels=1, mixtures=1, bins=bins).distribution(params).log_prob(levels)
+        (grad,) = torch.autograd.grad(lp.sum(), params)
+        out.append(lp.detach().double())
+        grads.append(grad[:, 1, 0, 0].double())
+    order = sorted(range(len(cases)), key=lambda i: cases[i][1])  # the grouping above
+    inverse = torch.empty(len(cases), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(cases))
+    return torch.cat(out)[inverse], torch.cat(grads)[inverse]
+
+
+def check_high_precision(head_cls, cdf, dtype: torch.dtype, rtol: float) -> None:
+    cases = high_precision_cases()
+    got, _ = our_log_masses(head_cls, dtype, cases)
+    # The reference sees the parameters as the model does (rounded to dtype).
+    as_model = [
+        (level, bins, float(torch.tensor(loc, dtype=dtype)), float(torch.tensor(ls, dtype=dtype)))
+        for level, bins, loc, ls in cases
+    ]
+    with mpmath.workdps(60):
+        ref = [float(mp_log_mass(cdf, lv, b, mpmath.mpf(loc), ls)) for lv, b, loc, ls in as_model]
+    ref = torch.tensor(ref, dtype=torch.float64)
+    assert torch.isfinite(got).all()
+    err = (got - ref).abs() / ref.abs().clamp(min=1.0)
+    worst = int(err.argmax())
+    assert err.max() <= rtol, (as_model[worst], got[worst].item(), ref[worst].item())
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_bin_masses_match_high_precision(dtype: torch.dtype, rtol: float) -> None:
+    check_high_precision(DiscretizedLogisticMixture, logistic_cdf, dtype, rtol)
 
 
 # -- layout and coupling (both heads) ---------------------------------------------------------

@@ -383,8 +383,9 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
 
         Args:
             ch: The channel.
-            loc, log_scale: ``(N, K, C)``.
-            coeff: ``(N, K, M)``, ``tanh``-ed.
+            loc: Locations ``(N, K, C)``.
+            log_scale: Clamped log-scales ``(N, K, C)``.
+            coeff: Coupling coefficients ``(N, K, M)``, ``tanh``-ed.
 
         Returns:
             ``(N, K)``.
