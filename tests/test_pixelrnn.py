@@ -301,12 +301,10 @@ def test_class_labels_shift_the_gates(name: str) -> None:
     net = tiny(name, num_classes=4)
     x = torch.rand(2, 3, 5, 5) * 2 - 1
     labels = torch.tensor([0, 3])
-    # Zero-initialised label biases: conditional starts equal to unconditional.
-    torch.testing.assert_close(net(x, labels), net(x, torch.tensor([1, 2])))
-    with torch.no_grad():
-        for layer in net.layers:
-            layer.label_bias.weight.normal_()
     assert not torch.allclose(net(x, labels), net(x, torch.tensor([1, 2])))
+    # Only the labelled image's own features move.
+    same = net(x, torch.tensor([0, 1]))
+    torch.testing.assert_close(same[0], net(x, labels)[0])
     with pytest.raises(ValueError, match="cond"):
         net(x)
     check_causality(net, (3, 4, 5), cond=torch.tensor([2]))

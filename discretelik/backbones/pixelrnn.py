@@ -35,8 +35,8 @@ Departures from the paper:
   projection is the second, so any head can sit on top (as in the ``"pixelcnn"`` backbone).
 * ``channel_groups=1`` (whole previous pixels only, for heads that model a pixel's channels
   jointly) is not in the paper.
-* The paper has no class conditioning; ``num_classes`` adds a learned per-class bias (zero at
-  init) to every LSTM layer's gate pre-activations, as the conditional PixelCNN does.
+* The paper has no class conditioning; ``num_classes`` adds a learned per-class bias to every
+  LSTM layer's gate pre-activations, as the conditional PixelCNN does.
 * LSTM details (tanh content gate, forget-gate bias 1, both BiLSTM directions in one loop)
   are listed in [`discretelik.nn.recurrent`][discretelik.nn.recurrent.RowLSTM].
 """
@@ -122,9 +122,9 @@ class _ResidualLSTM(nn.Module):
         self.proj = MaskedConv2d(hidden, 2 * hidden, 1, "B", groups=groups)
         self.label_bias = None
         if num_classes is not None:
-            # Zero at init: a conditional model starts out as the unconditional one.
+            # Random (N(0, 1)) at init, not zero: with zero biases the labels' gradients are
+            # tiny at first and the classes stay almost indistinguishable for many steps.
             self.label_bias = nn.Embedding(num_classes, 4 * hidden)
-            nn.init.zeros_(self.label_bias.weight)
 
     def forward(self, x: Tensor, label: Tensor | None) -> Tensor:
         bias = None if label is None or self.label_bias is None else self.label_bias(label)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from .._checks import check_int
 from .masked_conv import MaskedConv2d
 
-__all__ = ["RowLSTM", "DiagonalBiLSTM", "skew", "unskew"]
+__all__ = ["RowLSTM", "DiagonalBiLSTM", "lstm_update", "skew", "unskew"]
 
 #: Order of the four gates inside each colour group's block of pre-activations.
 GATES = ("i", "f", "o", "g")
@@ -215,6 +215,9 @@ class DiagonalBiLSTM(nn.Module):
         pre = torch.cat([left, right], dim=1)  # (B, 8h, H, W): (direction, group, gate, unit)
         if gate_bias is not None:
             pre = pre + gate_bias.repeat(1, 2)[:, :, None, None]
+        # Skewed after the biases are in, so the padding's pre-activations are exactly 0 and
+        # the states left of the image stay 0: the first pixel of a row starts from zero
+        # state, as in the unskewed recurrence.
         pre = skew(pre)  # (B, 8h, H, W + H - 1)
         hidden = x.new_zeros(b, 2 * self.groups, h // self.groups, height)
         cell = torch.zeros_like(hidden)
