@@ -5,6 +5,11 @@ model on the canvas drawn so far, reads the head's distribution at that pixel an
 Backbones with ordered channel groups (``channel_groups == C``) are run once per channel so
 that G is drawn given R and B given R and G. Pixels given in ``known`` are written into the
 canvas before anything is drawn and never changed, which gives inpainting and completion.
+
+Backbones that provide ``sampling_cache(n, image_shape, cond)`` (gated PixelCNN, PixelCNN++)
+are sampled through it instead: it caches every layer's activations and computes only what
+each new pixel changes (Ramachandran et al. 2017, see ``discretelik.fast_sampling``), with the
+same draws as the full recomputation.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def sample_raster(
     cond: Conditioning = None,
     known: tuple[Tensor, Tensor] | None = None,
     generator: torch.Generator | None = None,
+    cached: bool | None = None,
 ) -> Tensor:
     """Draw ``n`` images pixel by pixel in raster order.
 
@@ -78,11 +84,22 @@ def sample_raster(
             drawn, so the result equals ``image`` there (inpainting / completion).
         generator: Optional ``torch.Generator`` on the model's device; the same seed gives the
             same images.
+        cached: ``None`` (default): use the backbone's ``sampling_cache`` when it has one and
+            ``channel_groups == 1``, else recompute the whole model per pixel; ``False``:
+            always recompute (the reference the cache is tested against); ``True``: require
+            the cache.
 
     Returns:
         ``int64`` images ``(n, C, H, W)`` with levels in ``[0, bins - 1]``.
+
+    Raises:
+        TypeError: ``cached`` is not ``None`` or a bool.
+        ValueError: ``cached=True`` but the backbone has no ``sampling_cache`` or orders
+            channel groups.
     """
     check_int(n, "n", 1)
+    if cached is not None and not isinstance(cached, bool):
+        raise TypeError(f"cached must be None or a bool, got {cached!r}")
     shape = _image_shape(model, image_shape)
     device = next(model.parameters()).device
     canvas = torch.zeros((n, *shape), dtype=torch.long, device=device)
@@ -92,15 +109,30 @@ def sample_raster(
         mask = mask.to(device)
         canvas = torch.where(mask[:, None], image.to(device).long(), canvas)
     steps = model.backbone.channel_groups  # 1: whole pixels at once; C: one channel at a time
+    make_cache = getattr(model.backbone, "sampling_cache", None)
+    # A cache computes whole pixels; ordered channel groups need one pass per channel.
+    use_cache = make_cache is not None and steps == 1 and cached is not False
+    if cached and not use_cache:
+        raise ValueError(
+            f"cached=True but {type(model.backbone).__name__} has no sampling_cache"
+            + ("" if make_cache is None else " for channel_groups > 1")
+        )
     was_training = model.training
     model.eval()
     try:
+        cache = make_cache(n, shape[1:], cond) if use_cache else None
+        # The cache reads the scaled canvas; keep it in step with the integer one.
+        scaled = model.scale(canvas) if cache is not None else None
         for i in range(shape[1]):
             for j in range(shape[2]):
                 if mask is not None and bool(mask[:, i, j].all()):
                     continue
                 for step in range(steps):
-                    params = model.params(canvas, cond)[:, :, i : i + 1, j : j + 1]
+                    if cache is not None:
+                        feats = cache.step(scaled, i, j)  # (n, F)
+                        params = model.head.params(feats[:, :, None, None])
+                    else:
+                        params = model.params(canvas, cond)[:, :, i : i + 1, j : j + 1]
                     draw = model.head.distribution(params).sample(generator=generator)[:, :, 0, 0]
                     chans = slice(None) if steps == 1 else slice(step, step + 1)
                     new = canvas[:, chans, i, j].clone()
@@ -108,6 +140,8 @@ def sample_raster(
                     if mask is not None:
                         new = torch.where(mask[:, i, j, None], canvas[:, chans, i, j], new)
                     canvas[:, chans, i, j] = new
+                    if scaled is not None:
+                        scaled[:, :, i, j] = model.scale(canvas[:, :, i, j])
     finally:
         model.train(was_training)
     return canvas

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
+from ..fast_sampling import GatedPixelCNNCache
 from ..nn.gated import (
     ConditionBias,
     HorizontalConv2d,
@@ -236,3 +237,22 @@ class GatedPixelCNN(Backbone):
                 skips = skip if skips is None else skips + skip
         y = h if skips is None else skips
         return F.relu(self.output(F.relu(y)))
+
+    def sampling_cache(
+        self, n: int, image_shape: tuple[int, int], cond: Conditioning = None
+    ) -> GatedPixelCNNCache:
+        """A cache for fast raster-order sampling of ``n`` images (Ramachandran et al. 2017).
+
+        Its ``step(canvas, i, j)`` returns the features ``forward(canvas, cond)[:, :, i, j]``
+        (``(n, out_channels)``) computing only the vertical stack's row ``i - 1`` (once per
+        row) and the horizontal stack's column ``j``; see ``discretelik.fast_sampling``.
+
+        Args:
+            n: Number of images.
+            image_shape: ``(H, W)``.
+            cond: Conditioning for the ``n`` images, as for ``forward``.
+
+        Returns:
+            A ``discretelik.fast_sampling.GatedPixelCNNCache``.
+        """
+        return GatedPixelCNNCache(self, n, image_shape, cond)

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
+from ..fast_sampling import PixelCNNPPCache
 from ..nn.activations import concat_elu
 from ..nn.nin import NIN
 from ..nn.shifted_conv import (
@@ -332,3 +333,25 @@ class PixelCNNPP(Backbone):
             f"in_channels={c.in_channels}, nr_filters={c.nr_filters}, nr_resnet={c.nr_resnet}, "
             f"dropout={c.dropout}, num_classes={c.num_classes}, weight_norm={c.weight_norm}"
         )
+
+    def sampling_cache(
+        self, n: int, image_shape: tuple[int, int], cond: Conditioning = None
+    ) -> PixelCNNPPCache:
+        """A cache for fast raster-order sampling of ``n`` images (Ramachandran et al. 2017).
+
+        Its ``step(canvas, i, j)`` returns the features ``forward(canvas, cond)[:, :, i, j]``
+        (``(n, nr_filters)``) in evaluation mode, computing the ``u`` stream once per row and
+        the ``ul`` stream at one position per level; see ``discretelik.fast_sampling``.
+
+        Args:
+            n: Number of images.
+            image_shape: ``(H, W)``, multiples of 4.
+            cond: Class labels ``(n,)`` when class-conditional, else ``None``.
+
+        Returns:
+            A ``discretelik.fast_sampling.PixelCNNPPCache``.
+
+        Raises:
+            ValueError: The backbone is in training mode with dropout (call ``eval()``).
+        """
+        return PixelCNNPPCache(self, n, image_shape, cond)
