@@ -1,0 +1,195 @@
+"""Fast sampling (``discretelik.fast_sampling``): the cached features equal the full forward's at
+every pixel, the cached sampler draws the same images as full recomputation, and the dispatch
+in ``sample_raster`` falls back cleanly.
+
+The feature checks run in float64 on a canvas that is revealed pixel by pixel with NaN
+everywhere else, so reading any pixel at or after the current one poisons the result; some
+positions are skipped to exercise the catch-up that known pixels need.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import discretelik as dl
+from discretelik.fast_sampling import GatedPixelCNNCache, PixelCNNPPCache, SamplingCache
+
+GATED = "gated_pixelcnn"
+PP = "pixelcnn++"
+
+
+def backbone(name: str, **kwargs) -> dl.Backbone:
+    torch.manual_seed(0)
+    return dl.create_backbone(name, preset="tiny", **kwargs).double().eval()
+
+
+def check_cache_features(net: dl.Backbone, h: int, w: int, cond=None, skip: int = 3) -> None:
+    """Compare ``step`` with the full forward at every pixel (every ``skip``-th one skipped)."""
+    n = 2
+    gen = torch.Generator().manual_seed(h * w)
+    x = torch.rand(n, net.in_channels, h, w, dtype=torch.float64, generator=gen) * 2 - 1
+    with torch.no_grad():
+        full = net(x, cond)
+    cache = net.sampling_cache(n, (h, w), cond)
+    assert isinstance(cache, SamplingCache)
+    canvas = torch.full_like(x, float("nan"))  # pixels not yet "drawn" are NaN
+    for i in range(h):
+        for j in range(w):
+            if (i * w + j) % skip != skip - 1:
+                feats = cache.step(canvas, i, j)
+                assert feats.shape == (n, net.out_channels) and feats.dtype == torch.float64
+                torch.testing.assert_close(feats, full[:, :, i, j], rtol=0, atol=1e-10)
+            canvas[:, :, i, j] = x[:, :, i, j]
+
+
+def labels(n: int = 2) -> torch.Tensor:
+    return torch.tensor([2, 0][:n])
+
+
+# -- exact features -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 5), (5, 4), (6, 7)])
+@pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "label"])
+def test_gated_cache_matches_forward(size: tuple[int, int], conditional: bool) -> None:
+    kwargs = dict(num_classes=3) if conditional else {}
+    check_cache_features(backbone(GATED, **kwargs), *size, labels() if conditional else None)
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_gated_cache_map_conditioning_skips_and_wide_kernels(upsample: str) -> None:
+    net = backbone(
+        GATED,
+        num_classes=3,
+        cond_channels=2,
+        cond_upsample=upsample,
+        skip_connections=True,
+        kernel_size=5,
+        n_layers=4,
+    )
+    cmap = torch.randn(2, 2, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    check_cache_features(net, 5, 7, {"label": labels(), "map": cmap}, skip=4)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (8, 8), (8, 12), (12, 4), (16, 8)])
+@pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "label"])
+def test_pixelcnn_pp_cache_matches_forward(size: tuple[int, int], conditional: bool) -> None:
+    kwargs = dict(num_classes=3) if conditional else {}
+    check_cache_features(backbone(PP, **kwargs), *size, labels() if conditional else None)
+
+
+def test_pixelcnn_pp_cache_deeper_blocks_no_weight_norm_and_dropout_off_in_eval() -> None:
+    check_cache_features(backbone(PP, nr_resnet=2, nr_filters=6, dropout=0.5), 8, 8, skip=5)
+    check_cache_features(backbone(PP, weight_norm=False, num_classes=3, in_channels=1), 4, 8, labels())
+
+
+def test_caches_are_the_backbones_own() -> None:
+    assert isinstance(backbone(GATED).sampling_cache(1, (3, 3)), GatedPixelCNNCache)
+    assert isinstance(backbone(PP).sampling_cache(1, (4, 4)), PixelCNNPPCache)
+
+
+# -- sampling -------------------------------------------------------------------------------------
+
+
+def draw(model, cached, **kwargs) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(5)
+    return dl.sample_raster(model, 2, kwargs.pop("shape"), generator=gen, cached=cached, **kwargs)
+
+
+@pytest.mark.parametrize("name", [GATED, PP])
+@pytest.mark.parametrize("head", dl.list_heads())
+def test_cached_sampler_draws_the_same_images(name: str, head: str) -> None:
+    torch.manual_seed(0)
+    model = dl.build(name, head, preset="tiny", num_classes=3)
+    shape = (4, 8) if name == PP else (5, 3)
+    image = torch.randint(0, 256, (2, 3, *shape), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, *shape, dtype=torch.bool)
+    mask[:, 0] = True  # the first row is given (completion)
+    mask[0, 2, 1] = True  # one pixel of one image (inpainting, still drawn for the other)
+    mask[:, 3, 2] = True  # one pixel of both images (skipped: the cache must catch up)
+    kwargs = dict(shape=shape, cond=labels(), known=(image, mask))
+    naive = draw(model, False, **kwargs)
+    fast = draw(model, None, **kwargs)
+    assert torch.equal(naive, fast)
+    assert torch.equal(fast.permute(0, 2, 3, 1)[mask], image.permute(0, 2, 3, 1)[mask])
+    assert torch.equal(draw(model, True, **kwargs), fast)
+
+
+def test_default_uses_the_cache_and_false_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = dl.build(GATED, "softmax", preset="tiny", bins=4)
+    made = []
+    original = type(model.backbone).sampling_cache
+
+    def spy(self, *args, **kwargs):
+        made.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.backbone), "sampling_cache", spy)
+    model.sample(1, (3, 3))
+    assert made == [(1, (3, 3), None)]
+    dl.sample_raster(model, 1, (3, 3), cached=False)
+    assert len(made) == 1
+
+
+def test_training_mode_is_restored_and_dropout_is_off() -> None:
+    torch.manual_seed(0)
+    model = dl.build(PP, "dlm", preset="tiny", dropout=0.5)
+    model.train()
+    shape = (4, 4)
+    assert torch.equal(draw(model, False, shape=shape), draw(model, True, shape=shape))
+    assert model.training
+
+
+def test_fallback_for_backbones_without_a_cache_and_channel_groups() -> None:
+    torch.manual_seed(0)
+    grouped = dl.build("pixelcnn", "softmax", preset="tiny", bins=4)  # channel_groups == 3
+    assert grouped.backbone.channel_groups == 3
+    assert torch.equal(draw(grouped, None, shape=(3, 3)), draw(grouped, False, shape=(3, 3)))
+    with pytest.raises(ValueError, match="cached=True"):
+        draw(grouped, True, shape=(3, 3))
+    plain = dl.build("pixelcnn", "dlm", preset="tiny")
+    assert not hasattr(plain.backbone, "sampling_cache")
+    with pytest.raises(ValueError, match="no sampling_cache"):
+        draw(plain, True, shape=(3, 3))
+    with pytest.raises(TypeError, match="cached"):
+        draw(plain, "yes", shape=(3, 3))
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+def test_step_argument_errors() -> None:
+    cache = backbone(GATED).sampling_cache(2, (3, 4))
+    canvas = torch.zeros(2, 3, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="canvas must have shape"):
+        cache.step(canvas[:, :, :2], 0, 0)
+    with pytest.raises(TypeError, match="canvas"):
+        cache.step(canvas.long(), 0, 0)
+    with pytest.raises(ValueError, match="j must lie"):
+        cache.step(canvas, 0, 4)
+    with pytest.raises(TypeError, match="i must be an int"):
+        cache.step(canvas, 0.0, 0)
+    cache.step(canvas, 1, 2)
+    with pytest.raises(ValueError, match="raster order"):
+        cache.step(canvas, 1, 2)
+    with pytest.raises(ValueError, match="raster order"):
+        cache.step(canvas, 0, 3)
+
+
+def test_cache_construction_errors() -> None:
+    pp = backbone(PP, dropout=0.5)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        pp.sampling_cache(1, (6, 8))
+    with pytest.raises(ValueError, match="n must be"):
+        pp.sampling_cache(0, (4, 4))
+    with pytest.raises(TypeError, match="image_shape"):
+        pp.sampling_cache(1, 4)
+    pp.train()
+    with pytest.raises(ValueError, match="evaluation mode"):
+        pp.sampling_cache(1, (4, 4))
+    with pytest.raises(ValueError, match="cond must give class labels"):
+        backbone(GATED, num_classes=3).sampling_cache(2, (3, 3))
+    with pytest.raises(ValueError, match="cond label must have shape"):
+        backbone(PP, num_classes=3).sampling_cache(2, (4, 4), torch.tensor([1]))
