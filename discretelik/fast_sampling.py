@@ -70,14 +70,50 @@ def _check_image_shape(image_shape: object, multiple: int, name: str) -> tuple[i
     return h, w
 
 
-def _weights(conv: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """A convolution's effective weight and bias, read once.
+class _Conv:
+    """A convolution's weights, read once, applied where the cache needs it.
 
-    Reading ``weight`` of a weight-normed layer recomputes ``g v / ||v||``; doing it once per
-    cache instead of once per call keeps the per-pixel work to the convolution itself.
+    Reading ``weight`` of a weight-normed layer recomputes ``g v / ||v||``, so it is read once
+    per cache. Whole rows go through ``F.conv2d`` / ``F.conv_transpose2d``; a single output
+    position is a matrix product of the flattened input window, which for these tiny inputs is
+    several times cheaper than a convolution call.
+
+    Args:
+        conv: An ``nn.Conv2d`` or ``nn.ConvTranspose2d`` (possibly weight-normed).
     """
-    bias = conv.bias.detach() if conv.bias is not None else None
-    return conv.weight.detach(), bias
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.weight = conv.weight.detach()
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        self.stride = conv.stride
+        self.transposed = isinstance(conv, nn.ConvTranspose2d)
+        if self.transposed:
+            self.output_padding = conv.output_padding
+            self.matrix = self.weight.reshape(self.weight.shape[0], -1)  # (in, out kh kw)
+        else:
+            self.matrix = self.weight.reshape(self.weight.shape[0], -1).t()  # (in kh kw, out)
+
+    def rows(self, x: Tensor) -> Tensor:
+        """The unpadded convolution of ``x`` ``(n, in, kh', w')`` (transposed: ``(n, in, 1, w')``)."""
+        if self.transposed:
+            return F.conv_transpose2d(
+                x, self.weight, self.bias, self.stride, output_padding=self.output_padding
+            )
+        return F.conv2d(x, self.weight, self.bias, self.stride)
+
+    def at(self, window: Tensor) -> Tensor:
+        """Output ``(n, out)`` at the one position whose input window is ``(n, in, kh, kw)``
+        (or ``(n, in)`` for a 1x1 kernel)."""
+        flat = window.reshape(window.shape[0], -1)
+        if self.bias is None:
+            return flat @ self.matrix
+        return torch.addmm(self.bias, flat, self.matrix)
+
+    def spread(self, x: Tensor) -> Tensor:
+        """Transposed, kernel = stride: the ``(n, out, kh, kw)`` block one input ``(n, in)`` writes."""
+        n = x.shape[0]
+        out = (x @ self.matrix).reshape(n, *self.weight.shape[1:])
+        return out if self.bias is None else out + self.bias[:, None, None]
 
 
 class _Padded:
@@ -104,8 +140,8 @@ class _Padded:
         self.data[:, :, a + t : a + t + 1, l : l + self.w] = row
 
     def write_px(self, a: int, b: int, px: Tensor) -> None:
-        """Store position ``(a, b)`` (``px``: ``(n, C, 1, 1)`` or ``(n, C)``)."""
-        self.data[:, :, a + self.top, b + self.left] = px.reshape(px.shape[0], -1)
+        """Store position ``(a, b)`` (``px``: ``(n, C)``)."""
+        self.data[:, :, a + self.top, b + self.left] = px
 
     def rows(self, a: int, kh: int) -> Tensor:
         """Rows ``a - kh + 1 .. a`` with their side padding: ``(n, C, kh, left + w + right)``."""
@@ -123,15 +159,14 @@ class _Padded:
         return self.data[:, :, a + t : a + t + 1, l : l + self.w]
 
     def px(self, a: int, b: int) -> Tensor:
-        """Position ``(a, b)``: ``(n, C, 1, 1)``."""
-        t, l = self.top, self.left
-        return self.data[:, :, a + t : a + t + 1, b + l : b + l + 1]
+        """Position ``(a, b)``: ``(n, C)``."""
+        return self.data[:, :, a + self.top, b + self.left]
 
 
 class SamplingCache(abc.ABC):
     """Incremental features of a backbone for ``n`` images filled in raster order.
 
-    Call [`step`][discretelik.fast_sampling.SamplingCache.step] with strictly increasing
+    Call ``step`` with strictly increasing
     raster positions. When it is called for ``(i, j)``, every pixel before ``(i, j)`` in the
     canvas must be final; positions the caller skips (e.g. known pixels) are caught up on the
     next call, reading their final values from the canvas then.
@@ -229,8 +264,8 @@ class GatedPixelCNNCache(SamplingCache):
         p = net.config.hidden_channels
         self.r = r
         self.layers = []
-        self.v_in: list[Tensor] = []  # layer l's vertical input, rows padded r on top
-        self.h_in: list[Tensor] = []  # layer l's horizontal input at the current row
+        self.v_in: list[Tensor] = []  # layer l's vertical input (n, C, r + H, r + W + r)
+        self.h_in: list[Tensor] = []  # layer l's horizontal input at the current row (n, C, r + W)
         for idx, layer in enumerate(net.layers):
             cin = net.in_channels if idx == 0 else p
             c_v = c_h = None
@@ -238,34 +273,26 @@ class GatedPixelCNNCache(SamplingCache):
                 # Computed once at full size, exactly as forward does, then sliced per row.
                 c = layer.cond(label, cmap, (h, w))
                 if c is not None:
-                    c_v, c_h = c.chunk(2, dim=1)
+                    # A label-only term is (n, 4p, 1, 1); a broadcast view indexes like a map.
+                    c_v, c_h = c.expand(n, 4 * p, h, w).chunk(2, dim=1)
             self.layers.append(
                 dict(
-                    vertical=_weights(layer.vertical),
-                    horizontal=_weights(layer.horizontal),
-                    link=_weights(layer.link),
-                    h_out=_weights(layer.h_out),
-                    skip=_weights(layer.skip) if layer.skip is not None else None,
+                    vertical=_Conv(layer.vertical),
+                    horizontal=_Conv(layer.horizontal),
+                    link=_Conv(layer.link),
+                    h_out=_Conv(layer.h_out),
+                    skip=_Conv(layer.skip) if layer.skip is not None else None,
                     residual=layer.residual,
                     c_v=c_v,
                     c_h=c_h,
                 )
             )
             self.v_in.append(like.new_zeros(n, cin, h + r, w + 2 * r))
-            self.h_in.append(like.new_zeros(n, cin, 1, w + r))
-        self.output = _weights(net.output)
+            self.h_in.append(like.new_zeros(n, cin, w + r))
+        self.output = _Conv(net.output)
         # down_shift puts zeros in row 0, so row 0's vertical contribution is link(0).
         zeros = like.new_zeros(n, 2 * p, 1, w)
-        self.v_link = [F.conv2d(zeros, *lay["link"]) for lay in self.layers]
-
-    @staticmethod
-    def _at(term: Tensor | None, i: int, j: int | None = None) -> Tensor | None:
-        """Row ``i`` (or pixel ``(i, j)``) of a conditioning term that may be ``(n, c, 1, 1)``."""
-        if term is None or term.shape[-1] == 1 and term.shape[-2] == 1:
-            return term
-        if j is None:
-            return term[:, :, i : i + 1]
-        return term[:, :, i : i + 1, j : j + 1]
+        self.v_link = [lay["link"].rows(zeros)[:, :, 0] for lay in self.layers]  # (n, 2p, W)
 
     def _advance(self, canvas: Tensor, i: int, j: int, features: bool) -> Tensor | None:
         r = self.r
@@ -273,35 +300,34 @@ class GatedPixelCNNCache(SamplingCache):
             self._vertical_row(canvas, i - 1)
         if j > 0:
             # Pixel (i, j - 1) is final now: the first horizontal layer may read it.
-            self.h_in[0][:, :, 0, r + j - 1] = canvas[:, :, i, j - 1]
+            self.h_in[0][:, :, r + j - 1] = canvas[:, :, i, j - 1]
         skips = None
         y = None
         last = len(self.layers) - 1
         for l, lay in enumerate(self.layers):
             if l == 0:
                 # Type A: columns j - r .. j - 1 (the current pixel is not read).
-                window = self.h_in[0][:, :, :, j : j + r]
+                window = self.h_in[0][:, :, j : j + r]
             else:
-                window = self.h_in[l][:, :, :, j : j + r + 1]  # columns j - r .. j
-            h_pre = F.conv2d(window, *lay["horizontal"]) + self.v_link[l][:, :, :, j : j + 1]
-            c_h = self._at(lay["c_h"], i, j)
-            if c_h is not None:
-                h_pre = h_pre + c_h
-            gated = gated_activation(h_pre)  # (n, p, 1, 1)
-            h_new = F.conv2d(gated, *lay["h_out"])
+                window = self.h_in[l][:, :, j : j + r + 1]  # columns j - r .. j
+            h_pre = lay["horizontal"].at(window) + self.v_link[l][:, :, j]  # (n, 2p)
+            if lay["c_h"] is not None:
+                h_pre = h_pre + lay["c_h"][:, :, i, j]
+            gated = gated_activation(h_pre)  # (n, p)
+            h_new = lay["h_out"].at(gated)
             if lay["residual"]:
-                h_new = self.h_in[l][:, :, :, r + j : r + j + 1] + h_new
+                h_new = self.h_in[l][:, :, r + j] + h_new
             if lay["skip"] is not None:
-                s = F.conv2d(gated, *lay["skip"])
+                s = lay["skip"].at(gated)
                 skips = s if skips is None else skips + s
             if l < last:
-                self.h_in[l + 1][:, :, :, r + j] = h_new[:, :, :, 0]
+                self.h_in[l + 1][:, :, r + j] = h_new
             else:
                 y = h_new
         if not features:
             return None
         y = y if skips is None else skips
-        return F.relu(F.conv2d(F.relu(y), *self.output))[:, :, 0, 0]
+        return F.relu(self.output.at(F.relu(y)))
 
     def _vertical_row(self, canvas: Tensor, t: int) -> None:
         """Compute every vertical layer at row ``t`` (all of rows ``<= t`` are final)."""
@@ -309,13 +335,12 @@ class GatedPixelCNNCache(SamplingCache):
         self.v_in[0][:, :, t + r, r : r + w] = canvas[:, :, t]
         last = len(self.layers) - 1
         for l, lay in enumerate(self.layers):
-            v_pre = F.conv2d(self.v_in[l][:, :, t : t + r + 1], *lay["vertical"])  # (n, 2p, 1, W)
+            v_pre = lay["vertical"].rows(self.v_in[l][:, :, t : t + r + 1])  # (n, 2p, 1, W)
             # forward's down_shift(v_pre) puts row t at row t + 1: the next row's contribution.
-            self.v_link[l] = F.conv2d(v_pre, *lay["link"])
+            self.v_link[l] = lay["link"].rows(v_pre)[:, :, 0]
             if l < last:  # the last layer's vertical output feeds nothing
-                c_v = self._at(lay["c_v"], t)
-                if c_v is not None:
-                    v_pre = v_pre + c_v
+                if lay["c_v"] is not None:
+                    v_pre = v_pre + lay["c_v"][:, :, t : t + 1]
                 self.v_in[l + 1][:, :, t + r, r : r + w] = gated_activation(v_pre)[:, :, 0]
 
 
@@ -327,7 +352,8 @@ class _ResNetCache:
 
     ``row(a, ...)`` computes output row ``a`` (``u`` stream, down-shifted 2x3 kernels);
     ``pixel(a, b, ...)`` computes position ``(a, b)`` (``ul`` stream, down-right 2x2 kernels).
-    Dropout is the identity (evaluation mode).
+    Both follow ``GatedResNet.forward`` operation by operation; dropout is the identity
+    (evaluation mode).
     """
 
     def __init__(
@@ -339,42 +365,40 @@ class _ResNetCache:
         f2 = conv1.conv.in_channels  # 2 F: concat_elu doubles the channels
         self.x_elu = _Padded(like, n, f2, h, w, top, left, right)
         self.c1_elu = _Padded(like, n, f2, h, w, top, left, right)
-        self.conv1 = _weights(conv1.conv)
-        self.conv2 = _weights(conv2.conv)
-        self.aux = _weights(layer.aux.conv) if layer.aux is not None else None
-        self.class_term = None
+        self.conv1 = _Conv(conv1.conv)
+        self.conv2 = _Conv(conv2.conv)
+        self.aux = _Conv(layer.aux.conv) if layer.aux is not None else None
+        self.class_term = None  # (n, 2F)
         if layer.class_proj is not None:
-            self.class_term = F.embedding(label, layer.class_proj.detach())[:, :, None, None]
-
-    def _finish(self, x: Tensor, c1: Tensor, aux: Tensor | None, write, read) -> Tensor:
-        if self.aux is not None:
-            c1 = c1 + F.conv2d(concat_elu(aux), *self.aux)
-        write(self.c1_elu, concat_elu(c1))
-        c2 = F.conv2d(read(self.c1_elu), *self.conv2)
-        if self.class_term is not None:
-            c2 = c2 + self.class_term
-        a, b = c2.chunk(2, dim=1)
-        return x + a * torch.sigmoid(b)
+            self.class_term = F.embedding(label, layer.class_proj.detach())
 
     def row(self, a: int, x: Tensor, aux: Tensor | None) -> Tensor:
-        """Output row ``a`` from input row ``x`` ``(n, F, 1, w)`` (rows above are cached)."""
+        """Output row ``a`` ``(n, F, 1, w)`` from input row ``x`` and short-cut row ``aux``
+        (``(n, F, 1, w)``, ``(n, A, 1, w)`` or ``None``); the rows above are cached."""
         self.x_elu.write_row(a, concat_elu(x))
-        c1 = F.conv2d(self.x_elu.rows(a, self.kh), *self.conv1)
-        return self._finish(
-            x, c1, aux, lambda buf, v: buf.write_row(a, v), lambda buf: buf.rows(a, self.kh)
-        )
+        c1 = self.conv1.rows(self.x_elu.rows(a, self.kh))
+        if aux is not None:
+            c1 = c1 + self.aux.rows(concat_elu(aux))
+        self.c1_elu.write_row(a, concat_elu(c1))
+        c2 = self.conv2.rows(self.c1_elu.rows(a, self.kh))
+        if self.class_term is not None:
+            c2 = c2 + self.class_term[:, :, None, None]
+        g, h = c2.chunk(2, dim=1)
+        return x + g * torch.sigmoid(h)
 
     def pixel(self, a: int, b: int, x: Tensor, aux: Tensor | None) -> Tensor:
-        """Output at ``(a, b)`` from input ``x`` ``(n, F, 1, 1)`` (earlier ones are cached)."""
+        """Output ``(n, F)`` at ``(a, b)`` from input ``x`` ``(n, F)`` and short-cut ``aux``
+        ``(n, A)``; the earlier positions are cached."""
         self.x_elu.write_px(a, b, concat_elu(x))
-        c1 = F.conv2d(self.x_elu.window(a, b, self.kh, self.kw), *self.conv1)
-        return self._finish(
-            x,
-            c1,
-            aux,
-            lambda buf, v: buf.write_px(a, b, v),
-            lambda buf: buf.window(a, b, self.kh, self.kw),
-        )
+        c1 = self.conv1.at(self.x_elu.window(a, b, self.kh, self.kw))
+        if aux is not None:
+            c1 = c1 + self.aux.at(concat_elu(aux))
+        self.c1_elu.write_px(a, b, concat_elu(c1))
+        c2 = self.conv2.at(self.c1_elu.window(a, b, self.kh, self.kw))
+        if self.class_term is not None:
+            c2 = c2 + self.class_term
+        g, h = c2.chunk(2, dim=1)
+        return x + g * torch.sigmoid(h)
 
 
 class PixelCNNPPCache(SamplingCache):
@@ -420,16 +444,8 @@ class PixelCNNPPCache(SamplingCache):
         self.filters = f
         sizes = [(h >> k, w >> k) for k in range(self.LEVELS)]
 
-        # The image with its ones channel, padded for the first layers (1 row up, 1 each side).
-        self.x_pad = _Padded(like, n, net.in_channels + 1, h, w, 1, 1, 1)
-        self.u_init = _weights(net.u_init.conv)
-        self.ul_above = _weights(net.ul_init_above.conv)
-        self.ul_left = _weights(net.ul_init_left.conv)
-        self.ul_above_row: Tensor | None = None  # down_shift(conv_1x3(x)) at the current row
-        self.down_u = [_weights(m.conv) for m in net.downsample_u]
-        self.down_ul = [_weights(m.conv) for m in net.downsample_ul]
-        self.up_u = [(m, *_weights(m.conv)) for m in net.upsample_u]
-        self.up_ul = [(m, *_weights(m.conv)) for m in net.upsample_ul]
+        def resnets(layers: nn.ModuleList, k: int) -> list[_ResNetCache]:
+            return [_ResNetCache(m, like, n, *sizes[k], label) for m in layers]
 
         def u_map(k: int) -> _Padded:  # padded like the stride-2 down-shifted 2x3 conv
             return _Padded(like, n, f, *sizes[k], 1, 1, 1)
@@ -437,20 +453,28 @@ class PixelCNNPPCache(SamplingCache):
         def ul_map(k: int) -> _Padded:  # padded like the stride-2 down-right 2x2 conv
             return _Padded(like, n, f, *sizes[k], 1, 1, 0)
 
-        # Up pass: maps[k][m] is the m-th kept output at level k (m = 0: first layer or
+        # The image with its ones channel, padded for the first layers (1 row up, 1 each side).
+        self.x_pad = _Padded(like, n, net.in_channels + 1, h, w, 1, 1, 1)
+        self.u_init = _Conv(net.u_init.conv)
+        self.ul_above = _Conv(net.ul_init_above.conv)
+        self.ul_left = _Conv(net.ul_init_left.conv)
+        self.ul_above_row = like.new_zeros(n, f, w)  # down_shift(conv_1x3(x)) at this row
+        self.down_u = [_Conv(m.conv) for m in net.downsample_u]
+        self.down_ul = [_Conv(m.conv) for m in net.downsample_ul]
+        self.up_u = [_Conv(m.conv) for m in net.upsample_u]
+        self.up_ul = [_Conv(m.conv) for m in net.upsample_ul]
+        # The column crop of DownShiftedConvTranspose2d (centred kernel).
+        self.up_u_side = [(m.kernel_size[1] - 1) // 2 for m in net.upsample_u]
+
+        # Up pass: u_up[k][m] is the m-th kept output at level k (m = 0: first layer or
         # down-sampled map), as appended to u_list / ul_list.
         self.u_up = [[u_map(k) for _ in range(nr + 1)] for k in range(self.LEVELS)]
         self.ul_up = [[ul_map(k) for _ in range(nr + 1)] for k in range(self.LEVELS)]
-        self.up_u_res = [
-            [_ResNetCache(m, like, n, *sizes[k], label) for m in net.up_u[k]]
-            for k in range(self.LEVELS)
-        ]
-        self.up_ul_res = [
-            [_ResNetCache(m, like, n, *sizes[k], label) for m in net.up_ul[k]]
-            for k in range(self.LEVELS)
-        ]
+        self.up_u_res = [resnets(net.up_u[k], k) for k in range(self.LEVELS)]
+        self.up_ul_res = [resnets(net.up_ul[k], k) for k in range(self.LEVELS)]
 
-        # Down pass: pair each layer with the kept map it pops, in the forward pass's order.
+        # Down pass (index `level` runs as forward's does: resolution k = 2, 1, 0). Pair each
+        # layer with the kept map it pops, in the forward pass's order.
         u_list = [m for k in range(self.LEVELS) for m in self.u_up[k]]
         ul_list = [m for k in range(self.LEVELS) for m in self.ul_up[k]]
         self.u_start, self.ul_start = u_list.pop(), ul_list.pop()
@@ -459,21 +483,17 @@ class PixelCNNPPCache(SamplingCache):
         for level in range(self.LEVELS):
             k = self.LEVELS - 1 - level
             depth = len(net.down_u[level])
-            self.down_u_res.append([_ResNetCache(m, like, n, *sizes[k], label) for m in net.down_u[level]])
-            self.down_ul_res.append(
-                [_ResNetCache(m, like, n, *sizes[k], label) for m in net.down_ul[level]]
-            )
+            self.down_u_res.append(resnets(net.down_u[level], k))
+            self.down_ul_res.append(resnets(net.down_ul[level], k))
             shorts = [(u_list.pop(), ul_list.pop()) for _ in range(depth)]
             self.u_short.append([s[0] for s in shorts])
             self.ul_short.append([s[1] for s in shorts])
             self.u_down.append([u_map(k) for _ in range(depth)])
         if u_list or ul_list:  # pragma: no cover  (structural invariant, as in forward)
             raise RuntimeError("internal error: unused up-pass outputs")
-        # Up-sampled inputs of the down pass at levels 1 and 0 (written by the level below).
+        # Up-sampled inputs of the down pass at levels 0 and 1 (written from the level below).
         self.u_upsampled = [u_map(k) for k in range(self.LEVELS - 1)]
         self.ul_upsampled = [ul_map(k) for k in range(self.LEVELS - 1)]
-
-    # The forward pass's down pass runs level 2, 1, 0; `level` indexes it, k the resolution.
 
     def _advance(self, canvas: Tensor, i: int, j: int, features: bool) -> Tensor | None:
         if (i, j) != (0, 0):
@@ -484,7 +504,7 @@ class PixelCNNPPCache(SamplingCache):
         if j == 0:
             self._u_rows(i)
         ul = self._ul_pixels(i, j)
-        return F.elu(ul)[:, :, 0, 0] if features else None
+        return F.elu(ul) if features else None
 
     def _levels(self, *coords: int) -> list[int]:
         """Levels ``k`` whose grid contains image position ``coords`` (all multiples of 2^k)."""
@@ -493,24 +513,24 @@ class PixelCNNPPCache(SamplingCache):
     def _u_rows(self, i: int) -> None:
         """The ``u`` stream at every level's row that image row ``i`` makes computable."""
         levels = self._levels(i)
-        for k in levels:  # up pass, level 0 first
+        for k in levels:  # up pass, full resolution first
             a = i >> k
             if k == 0:
                 if i == 0:  # down_shift fills row 0 with zeros
-                    x = above = self.x_pad.data.new_zeros(self.n, self.filters, 1, self.width)
+                    x = self.x_pad.data.new_zeros(self.n, self.filters, 1, self.width)
+                    self.ul_above_row = x[:, :, 0]
                 else:
                     # down_shift: row i is the 2x3 convolution's row i - 1 (image rows i-2, i-1).
-                    x = F.conv2d(self.x_pad.rows(i - 1, 2), *self.u_init)
-                    above = F.conv2d(self.x_pad.rows(i - 1, 1), *self.ul_above)
-                self.ul_above_row = above
+                    x = self.u_init.rows(self.x_pad.rows(i - 1, 2))
+                    self.ul_above_row = self.ul_above.rows(self.x_pad.rows(i - 1, 1))[:, :, 0]
             else:
                 # Stride 2: row a reads rows 2a - 1 .. 2a of the level above (final by now).
-                x = F.conv2d(self.u_up[k - 1][-1].rows(2 * a, 2), *self.down_u[k - 1], stride=2)
+                x = self.down_u[k - 1].rows(self.u_up[k - 1][-1].rows(2 * a, 2))
             self.u_up[k][0].write_row(a, x)
             for m, res in enumerate(self.up_u_res[k]):
                 x = res.row(a, x, None)
                 self.u_up[k][m + 1].write_row(a, x)
-        for level in range(self.LEVELS):  # down pass, level 2 first
+        for level in range(self.LEVELS):  # down pass, lowest resolution first
             k = self.LEVELS - 1 - level
             if k not in levels:
                 continue
@@ -521,27 +541,25 @@ class PixelCNNPPCache(SamplingCache):
                 self.u_down[level][m].write_row(a, u)
             if k > 0:
                 # Kernel height = stride: rows 2a, 2a + 1 above come from row a alone.
-                mod, weight, bias = self.up_u[level]
-                out = F.conv_transpose2d(
-                    u, weight, bias, mod.conv.stride, output_padding=mod.conv.output_padding
-                )
-                side = (mod.kernel_size[1] - 1) // 2  # the crop of DownShiftedConvTranspose2d
-                wide = 2 * (self.width >> k)
+                out = self.up_u[level].rows(u)
+                side, wide = self.up_u_side[level], 2 * (self.width >> k)
                 for d in range(2):
-                    self.u_upsampled[k - 1].write_row(2 * a + d, out[:, :, d : d + 1, side : side + wide])
+                    row = out[:, :, d : d + 1, side : side + wide]
+                    self.u_upsampled[k - 1].write_row(2 * a + d, row)
 
     def _ul_pixels(self, i: int, j: int) -> Tensor:
-        """The ``ul`` stream at every level's position that pixel ``(i, j)`` makes computable."""
+        """The ``ul`` stream at every level's position that pixel ``(i, j)`` makes computable;
+        returns the full-resolution output ``(n, F)`` at ``(i, j)``."""
         levels = self._levels(i, j)
         for k in levels:  # up pass
             a, b = i >> k, j >> k
             if k == 0:
                 # right_shift of the down-right 2x1 conv: its output at (i, j - 1), zero at j = 0.
-                x = self.ul_above_row[:, :, :, j : j + 1]
+                x = self.ul_above_row[:, :, j]
                 if j > 0:
-                    x = x + F.conv2d(self.x_pad.window(i, j - 1, 2, 1), *self.ul_left)
+                    x = x + self.ul_left.at(self.x_pad.window(i, j - 1, 2, 1))
             else:
-                x = F.conv2d(self.ul_up[k - 1][-1].window(2 * a, 2 * b, 2, 2), *self.down_ul[k - 1])
+                x = self.down_ul[k - 1].at(self.ul_up[k - 1][-1].window(2 * a, 2 * b, 2, 2))
             self.ul_up[k][0].write_px(a, b, x)
             for m, res in enumerate(self.up_ul_res[k]):
                 x = res.pixel(a, b, x, self.u_up[k][m + 1].px(a, b))
@@ -557,9 +575,8 @@ class PixelCNNPPCache(SamplingCache):
                 ul = res.pixel(a, b, ul, aux)
             if k > 0:
                 # Kernel = stride: the 2x2 block at (2a, 2b) above comes from (a, b) alone.
-                mod, weight, bias = self.up_ul[level]
-                out = F.conv_transpose2d(ul, weight, bias, mod.conv.stride)  # (n, F, 2, 2)
+                block = self.up_ul[level].spread(ul)  # (n, F, 2, 2)
                 for d in range(2):
                     for e in range(2):
-                        self.ul_upsampled[k - 1].write_px(2 * a + d, 2 * b + e, out[:, :, d, e])
+                        self.ul_upsampled[k - 1].write_px(2 * a + d, 2 * b + e, block[:, :, d, e])
         return ul
