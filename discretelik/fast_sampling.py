@@ -33,7 +33,17 @@ speed-up of the paper (``O(L)`` instead of ``O(L H W)`` work per pixel for ``L``
 
 Backbones opt in by providing ``sampling_cache(n, image_shape, cond)``;
 [`sample_raster`][discretelik.sample_raster] falls back to full recomputation for every other
-backbone, and for ordered channel groups.
+backbone, and for ordered channel groups. Used directly::
+
+    net = create_backbone("pixelcnn++", preset="tiny").eval()
+    cache = net.sampling_cache(n, (H, W))
+    for i in range(H):
+        for j in range(W):
+            features = cache.step(canvas, i, j)  # (n, F) == net(canvas)[:, :, i, j]
+            canvas[:, :, i, j] = ...  # draw pixel (i, j) from the head at these features
+
+Memory: every layer's input (and, for PixelCNN++, hidden) activations for the whole image,
+about what one full forward pass keeps for backpropagation.
 """
 
 from __future__ import annotations
@@ -94,7 +104,7 @@ class _Conv:
             self.matrix = self.weight.reshape(self.weight.shape[0], -1).t()  # (in kh kw, out)
 
     def rows(self, x: Tensor) -> Tensor:
-        """The unpadded convolution of ``x`` ``(n, in, kh', w')`` (transposed: ``(n, in, 1, w')``)."""
+        """The unpadded (transposed) convolution of ``x`` ``(n, in, rows, cols)``."""
         if self.transposed:
             return F.conv_transpose2d(
                 x, self.weight, self.bias, self.stride, output_padding=self.output_padding
@@ -110,7 +120,8 @@ class _Conv:
         return torch.addmm(self.bias, flat, self.matrix)
 
     def spread(self, x: Tensor) -> Tensor:
-        """Transposed, kernel = stride: the ``(n, out, kh, kw)`` block one input ``(n, in)`` writes."""
+        """Transposed with kernel = stride: the block ``(n, out, kh, kw)`` that the single
+        input position ``x`` ``(n, in)`` writes (no other input overlaps it)."""
         n = x.shape[0]
         out = (x @ self.matrix).reshape(n, *self.weight.shape[1:])
         return out if self.bias is None else out + self.bias[:, None, None]
@@ -166,10 +177,10 @@ class _Padded:
 class SamplingCache(abc.ABC):
     """Incremental features of a backbone for ``n`` images filled in raster order.
 
-    Call ``step`` with strictly increasing
-    raster positions. When it is called for ``(i, j)``, every pixel before ``(i, j)`` in the
-    canvas must be final; positions the caller skips (e.g. known pixels) are caught up on the
-    next call, reading their final values from the canvas then.
+    Call ``step`` with strictly increasing raster positions. When it is called for
+    ``(i, j)``, every pixel before ``(i, j)`` in the canvas must be final; positions the caller
+    skips (e.g. known pixels) are caught up on the next call, reading their final values from
+    the canvas then. A cache serves one draw of one image size; build a new one per draw.
 
     Args:
         n: Batch size.
@@ -571,7 +582,8 @@ class PixelCNNPPCache(SamplingCache):
             a, b = i >> k, j >> k
             ul = self.ul_start.px(a, b) if level == 0 else self.ul_upsampled[k].px(a, b)
             for m, res in enumerate(self.down_ul_res[level]):
-                aux = torch.cat([self.u_down[level][m].px(a, b), self.ul_short[level][m].px(a, b)], 1)
+                u = self.u_down[level][m].px(a, b)
+                aux = torch.cat([u, self.ul_short[level][m].px(a, b)], dim=1)
                 ul = res.pixel(a, b, ul, aux)
             if k > 0:
                 # Kernel = stride: the 2x2 block at (2a, 2b) above comes from (a, b) alone.

@@ -81,7 +81,8 @@ def test_pixelcnn_pp_cache_matches_forward(size: tuple[int, int], conditional: b
 
 def test_pixelcnn_pp_cache_deeper_blocks_no_weight_norm_and_dropout_off_in_eval() -> None:
     check_cache_features(backbone(PP, nr_resnet=2, nr_filters=6, dropout=0.5), 8, 8, skip=5)
-    check_cache_features(backbone(PP, weight_norm=False, num_classes=3, in_channels=1), 4, 8, labels())
+    net = backbone(PP, weight_norm=False, num_classes=3, in_channels=1)
+    check_cache_features(net, 4, 8, labels())
 
 
 def test_caches_are_the_backbones_own() -> None:

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         where = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
     print(f"device: {device} ({where}); torch {torch.__version__}")
     print(f"{n} images of {size}x{size}x3, 256 levels, DLM head; median of {repeats} draws\n")
-    header = f"{'model':44s} {'params':>10s} {'naive s':>9s} {'cached s':>9s} {'speed-up':>9s}  same"
+    header = (
+        f"{'model':44s} {'params':>10s} {'naive s':>9s} {'cached s':>9s} {'speed-up':>9s}  same"
+    )
     print(header)
     print("-" * len(header))
     for name, (backbone, kwargs, head_kwargs) in CONFIGS[kind].items():
