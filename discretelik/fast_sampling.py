@@ -262,6 +262,7 @@ class GatedPixelCNNCache(SamplingCache):
         ValueError, TypeError: Bad ``n``, ``image_shape`` or ``cond`` (as ``forward`` would).
     """
 
+    @torch.no_grad()
     def __init__(
         self, net: "GatedPixelCNN", n: int, image_shape: tuple[int, int], cond: "Conditioning"
     ) -> None:
@@ -435,6 +436,7 @@ class PixelCNNPPCache(SamplingCache):
 
     LEVELS = 3
 
+    @torch.no_grad()
     def __init__(
         self, net: "PixelCNNPP", n: int, image_shape: tuple[int, int], cond: "Conditioning"
     ) -> None:

@@ -8,13 +8,14 @@ canvas before anything is drawn and never changed, which gives inpainting and co
 
 Backbones that provide ``sampling_cache(n, image_shape, cond)`` (gated PixelCNN, PixelCNN++)
 are sampled through it instead: it caches every layer's activations and computes only what
-each new pixel changes (Ramachandran et al. 2017, see ``discretelik.fast_sampling``), with the
-same draws as the full recomputation.
+each new pixel changes (Ramachandran et al. 2017, see ``discretelik.fast_sampling``). Its
+features equal the full model's up to floating-point rounding, so with the same generator it
+draws the same images (``cached=False`` forces the full recomputation).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -59,6 +60,21 @@ def _check_known(
             f"got {tuple(mask.shape)}"
         )
     return image, mask
+
+
+def _cache_factory(backbone: torch.nn.Module) -> Any:
+    """The backbone's ``sampling_cache`` method, or ``None`` when it has none or is unsafe.
+
+    A subclass that overrides ``forward`` but inherits ``sampling_cache`` would get the
+    parent's features from the cache, so it is sampled by full recomputation instead.
+    """
+    make = getattr(backbone, "sampling_cache", None)
+    if make is None:
+        return None
+    owner = next((c for c in type(backbone).__mro__ if "sampling_cache" in vars(c)), None)
+    if owner is None:  # set on the instance: its owner vouches for it
+        return make
+    return make if type(backbone).forward is owner.forward else None
 
 
 @torch.no_grad()
@@ -109,12 +125,12 @@ def sample_raster(
         mask = mask.to(device)
         canvas = torch.where(mask[:, None], image.to(device).long(), canvas)
     steps = model.backbone.channel_groups  # 1: whole pixels at once; C: one channel at a time
-    make_cache = getattr(model.backbone, "sampling_cache", None)
+    make_cache = _cache_factory(model.backbone)
     # A cache computes whole pixels; ordered channel groups need one pass per channel.
     use_cache = make_cache is not None and steps == 1 and cached is not False
     if cached and not use_cache:
         raise ValueError(
-            f"cached=True but {type(model.backbone).__name__} has no sampling_cache"
+            f"cached=True but {type(model.backbone).__name__} has no usable sampling_cache"
             + ("" if make_cache is None else " for channel_groups > 1")
         )
     was_training = model.training

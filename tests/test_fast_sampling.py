@@ -152,10 +152,26 @@ def test_fallback_for_backbones_without_a_cache_and_channel_groups() -> None:
         draw(grouped, True, shape=(3, 3))
     plain = dl.build("pixelcnn", "dlm", preset="tiny")
     assert not hasattr(plain.backbone, "sampling_cache")
-    with pytest.raises(ValueError, match="no sampling_cache"):
+    with pytest.raises(ValueError, match="no usable sampling_cache"):
         draw(plain, True, shape=(3, 3))
     with pytest.raises(TypeError, match="cached"):
         draw(plain, "yes", shape=(3, 3))
+
+
+class Doubled(dl.GatedPixelCNN):
+    """A subclass whose features differ from the parent's: the inherited cache must not be used."""
+
+    def forward(self, x, cond=None):
+        return 2 * super().forward(x, cond)
+
+
+def test_subclass_overriding_forward_falls_back() -> None:
+    torch.manual_seed(0)
+    model = dl.build(GATED, "dlm", preset="tiny")
+    model.backbone = Doubled(model.backbone.config)
+    assert torch.equal(draw(model, None, shape=(3, 3)), draw(model, False, shape=(3, 3)))
+    with pytest.raises(ValueError, match="no usable sampling_cache"):
+        draw(model, True, shape=(3, 3))
 
 
 # -- errors ---------------------------------------------------------------------------------------
