@@ -16,6 +16,7 @@ from .backbones.pixelrnn import (
     RowLSTMBackbone,
     RowLSTMConfig,
 )
+from .fast_sampling import GatedPixelCNNCache, PixelCNNPPCache, SamplingCache
 from .heads import DiscreteImageDistribution, Head
 from .heads.gaussian import DiscretizedGaussian, DiscretizedGaussianDistribution
 from .heads.logistic import DiscretizedLogisticMixture, DiscretizedLogisticMixtureDistribution
@@ -76,4 +77,7 @@ __all__ = [
     "register_backbone",
     "register_head",
     "sample_raster",
+    "SamplingCache",
+    "GatedPixelCNNCache",
+    "PixelCNNPPCache",
 ]

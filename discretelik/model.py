@@ -107,11 +107,28 @@ class AutoregressiveModel(nn.Module):
         cond: Conditioning = None,
         known: tuple[Tensor, Tensor] | None = None,
         generator: torch.Generator | None = None,
+        cached: bool | None = None,
     ) -> Tensor:
-        """Raster-order ancestral sampling; see [`sample_raster`][discretelik.sample_raster]."""
+        """Raster-order ancestral sampling; see [`sample_raster`][discretelik.sample_raster].
+
+        Args:
+            n: Number of images.
+            image_shape: ``(H, W)`` or ``(C, H, W)``.
+            cond: Conditioning for the ``n`` images.
+            known: Optional ``(image, mask)``: integer ``(n, C, H, W)`` and bool ``(n, H, W)``;
+                pixels where ``mask`` is true are kept as given.
+            generator: Optional ``torch.Generator`` for reproducible draws.
+            cached: ``None`` uses the backbone's activation cache when it has one (fast
+                sampling), ``False`` forces full recomputation, ``True`` requires the cache.
+
+        Returns:
+            int64 images ``(n, C, H, W)``.
+        """
         from .sampling import sample_raster
 
-        return sample_raster(self, n, image_shape, cond=cond, known=known, generator=generator)
+        return sample_raster(
+            self, n, image_shape, cond=cond, known=known, generator=generator, cached=cached
+        )
 
 
 def build(
