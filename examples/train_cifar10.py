@@ -19,9 +19,12 @@ value can be overridden by its flag):
 * ``gpu`` (the default with ``--data`` on one CUDA device): the paper's global batch of 128 on
   one GPU, so the paper's learning rate and decay apply unchanged; bf16 autocast (the
   likelihood stays float32), channels_last and ``torch.compile``; a 500-step linear warm-up
-  as a guard for bf16 (openai had none). A 80 GB GPU holds batch 128 of the paper model by
-  our estimate; if yours does not, pass ``--batch-size 64`` and the learning rate is scaled
-  by sqrt(64/128) unless ``--lr`` is given.
+  as a guard for bf16 (openai had none). Memory: forward + backward of the paper model holds
+  about 400 MiB per image in fp32 (measured on CPU), so batch 128 needs roughly 50 GiB in fp32
+  and less under bf16: it fits an 80 GB H100. On a smaller GPU pass ``--batch-size 64``; the
+  learning rate is then scaled by sqrt(64/128) unless ``--lr`` is given. The test set is
+  evaluated every 5 epochs (openai: every epoch, on 8 GPUs): a float32 pass over 10,000
+  images costs a sizeable fraction of a bf16 training epoch.
 * ``demo``: the no-argument CPU run described above.
 
 Test bits/dim is always computed over the whole test split, in float32 (no autocast, no TF32),
@@ -74,30 +77,37 @@ from discretelik.train import (
 # One dict per recipe; a flag given on the command line overrides the recipe's value.
 RECIPES: dict[str, dict[str, Any]] = {
     "demo": dict(
-        preset="tiny", mixtures=5, batch_size=32, lr=2e-3, lr_decay=0.999995, warmup_steps=0,
+        # One CPU thread: the tiny model's tensors gain little from more, and on a shared
+        # machine OpenMP threads spinning against other processes made a step 30x slower
+        # (16.7 s instead of 0.55 s, measured on the 2-core dev box under load).
+        threads=1,
+        # Batch 16 and lr 5e-3 gave the lowest test bits/dim for a fixed CPU budget among the
+        # settings tried (batch 8/16/32, lr 2e-3 to 1e-2); 1e-2 was slightly better still but
+        # leaves less margin against divergence.
+        preset="tiny", mixtures=5, batch_size=16, lr=5e-3, lr_decay=0.999995, warmup_steps=0,
         ema_decay=0.995, ema_warmup=True,  # a short run: average over the last ~200 steps
-        steps=300, epochs=None, init_batch_size=32, precision="fp32", channels_last=False,
-        compile=False, log_every=25, eval_every=0, checkpoint_every=0, sample_every=0,
+        steps=800, epochs=None, init_batch_size=32, precision="fp32", channels_last=False,
+        compile=False, log_every=50, eval_every=0, checkpoint_every=0, sample_every=0,
         samples=4, eval_batch_size=125,
     ),
     "paper": dict(
         preset="paper", mixtures=10, batch_size=16, lr=1e-3, lr_decay=0.999995, warmup_steps=0,
         ema_decay=0.9995, ema_warmup=False, steps=None, epochs=5000, init_batch_size=100,
         precision="fp32", channels_last=False, compile=False, log_every=100, eval_every="epoch",
-        checkpoint_every="epoch", sample_every="20 epochs", samples=16, eval_batch_size=500,
+        checkpoint_every="epoch", sample_every="20 epochs", samples=16, eval_batch_size=250,
     ),
     "gpu": dict(
         preset="paper", mixtures=10, batch_size=128, lr=None, lr_decay=0.999995,
         warmup_steps=500, ema_decay=0.9995, ema_warmup=False, steps=None, epochs=5000,
         init_batch_size=100, precision="bf16", channels_last=True, compile=True, log_every=100,
-        eval_every="epoch", checkpoint_every="epoch", sample_every="20 epochs", samples=16,
-        eval_batch_size=500,
+        eval_every="5 epochs", checkpoint_every="epoch", sample_every="20 epochs", samples=16,
+        eval_batch_size=250,
     ),
 }
 # Settings that are neither in every recipe nor model hyperparameters of a preset.
 COMMON: dict[str, Any] = dict(
     backbone="pixelcnn++", head="dlm", nr_filters=None, nr_resnet=None, dropout=None,
-    conditional=False, beta1=0.95, beta2=0.9995, grad_clip=None, seed=1,
+    conditional=False, beta1=0.95, beta2=0.9995, grad_clip=None, seed=1, threads=None,
 )
 PAPER_GLOBAL_BATCH = 128
 
@@ -144,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("performance")
     g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: 1 for the demo, else "
+                                               "PyTorch's default)")
     g.add_argument("--precision", choices=["fp32", "bf16"])
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -165,7 +177,7 @@ def resolve(args: argparse.Namespace, base: dict[str, Any] | None, cuda: bool, w
         )
         base = dict(COMMON, **RECIPES[recipe], recipe=recipe, data=args.data)
     s = dict(base)
-    for key in (*COMMON, *RECIPES["paper"], "data"):
+    for key in (*COMMON, *RECIPES["demo"], "data"):
         if key in flags:
             s[key] = flags[key]
     if "epochs" in flags and "steps" not in flags:
@@ -214,6 +226,8 @@ def eval_only(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
     if "settings" not in ckpt or "model_spec" not in ckpt:
         raise ValueError(f"{args.eval_only}: not a checkpoint written by this script")
     s = resolve(args, ckpt["settings"], dist.device.type == "cuda", dist.world_size)
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
     _, (x_test, y_test), what = load_data(s, args.download)
     model = build_model(ckpt["model_spec"]).to(dist.device)
     model.load_state_dict(ckpt["model"])
@@ -252,6 +266,8 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
     s = resolve(args, ckpt["settings"] if ckpt else None, cuda, dist.world_size)
     out = Path(args.out or s.get("out") or f"runs/cifar10-{s['recipe']}")
     s["out"] = str(out)
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])
     (x_train, y_train), (x_test, y_test), what = load_data(s, args.download)
     spec = model_spec(s)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -152,6 +153,14 @@ def test_wrong_path_says_where_to_put_the_files(tmp_path: Path) -> None:
         load_cifar10(tmp_path, "val")
     with pytest.raises(TypeError, match="root must be a path"):
         load_cifar10(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
+                    reason="with torchvision installed this would try the network")
+def test_download_without_torchvision_says_so(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="needs torchvision") as info:
+        load_cifar10(tmp_path / "fresh", download=True)
+    assert "cifar-10-batches-py" in str(info.value)  # and still where to put the files
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the project's shared CIFAR-10 copy is absent")

@@ -229,7 +229,7 @@ def test_trainer_checks_arguments() -> None:
 def test_script_one_epoch_end_to_end_then_eval_only(script, tiny_npz: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     final = script.main(base_args(tiny_npz, out, "--epochs", "1", "--samples", "1",
-                                  "--conditional"))
+                                  "--conditional", "--channels-last"))
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # 32 images / batch 8 = 4 steps
     for r in records:

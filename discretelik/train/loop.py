@@ -31,7 +31,6 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..metrics import bits_per_dim
 from ..model import AutoregressiveModel
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum
@@ -225,7 +224,9 @@ class LikelihoodLoss(nn.Module):
             # validate_args=False: the checks would synchronise (and break compiled graphs).
             dist = model.head.distribution(params.float(), validate_args=False)
             log_prob = dist.log_prob(x)
-        return bits_per_dim(log_prob, x.shape[1:])
+        # Same as discretelik.bits_per_dim, written with numel() because its generator
+        # expression over the shape breaks torch.compile's graph.
+        return log_prob / (-math.log(2.0) * x[0].numel())
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -1,0 +1,157 @@
+"""Training-step throughput and peak memory of PixelCNN++ + DLM: fp32 vs bf16 vs compiled.
+
+Each mode runs the full training step of ``examples/train_cifar10.py`` (forward, float32
+likelihood, backward, Adam, learning-rate schedule, Polyak averaging) on bundled CIFAR-10
+images, in its own fresh Python process so that peak memory and compile caches of one mode do
+not leak into the next. The table gives images/s, peak memory and the speed ratio to eager
+fp32 measured in the same invocation.
+
+* CUDA (default when available): the paper model (160 filters, 5 resnets, 10 mixtures) at the
+  one-GPU recipe's batch of 128; peak memory is ``torch.cuda.max_memory_allocated``.
+* CPU: the ``tiny`` preset at batch 16; peak memory is the process's peak RSS (it includes
+  the interpreter and libraries). ``torch.compile`` is skipped on CPU unless ``--cpu-compile``
+  is given (its C++ build takes minutes on a small CPU), and the table says so.
+
+    python examples/benchmarks/train_step.py                      # whatever device there is
+    python examples/benchmarks/train_step.py --batch-size 64 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import discretelik as dl
+from discretelik.data import load_bundled
+from discretelik.train import EMA, ExponentialDecay, LikelihoodLoss, train_step
+
+# name -> (precision, channels_last, compile)
+MODES = {
+    "eager fp32": ("fp32", False, False),
+    "bf16 autocast": ("bf16", False, False),
+    "bf16 + channels_last + compile": ("bf16", True, True),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", help="backbone preset (default: paper on CUDA, tiny on CPU)")
+    p.add_argument("--mixtures", type=int, help="default: 10 on CUDA, 5 on CPU")
+    p.add_argument("--batch-size", type=int, help="default: 128 on CUDA, 16 on CPU")
+    p.add_argument("--steps", type=int, help="timed steps (default: 20 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, cuDNN)")
+    p.add_argument("--cpu-compile", action="store_true", help="also compile on CPU")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    args.preset = args.preset or ("paper" if cuda else "tiny")
+    args.mixtures = args.mixtures or (10 if cuda else 5)
+    args.batch_size = args.batch_size or (128 if cuda else 16)
+    args.steps = args.steps or (20 if cuda else 5)
+    return args
+
+
+def run_mode(args: argparse.Namespace) -> dict[str, float]:
+    """One mode in this process: returns images/s and peak memory in bytes."""
+    precision, channels_last, compile_ = MODES[args.worker]
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = dl.build("pixelcnn++", "dlm", preset=args.preset,
+                     head_kwargs={"mixtures": args.mixtures}).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    loss_fn: torch.nn.Module = LikelihoodLoss(model)
+    if compile_:
+        loss_fn = torch.compile(loss_fn)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995),
+                           fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ExponentialDecay(0.999995))
+    ema = EMA(model, 0.9995)
+    images = load_bundled("cifar10", "train")[0].to(device)
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def step() -> torch.Tensor:
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen).to(device)
+        x = images[idx].contiguous(memory_format=fmt)
+        return train_step(loss_fn, opt, x, scheduler=sched, ema=ema, autocast_dtype=dtype)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    loss.item()  # waits for the last step
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:  # ru_maxrss is KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = rss if sys.platform == "darwin" else rss * 1024
+    return {"images_per_s": args.steps * args.batch_size / seconds, "peak_bytes": peak,
+            "loss": float(loss)}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_mode(args)))
+        return []
+    cuda = torch.device(args.device).type == "cuda"
+    rows: list[dict[str, object]] = []
+    for name, (_, _, compile_) in MODES.items():
+        if compile_ and not cuda and not args.cpu_compile:
+            rows.append({"mode": name, "note": "skipped on CPU: compiling the training step "
+                                               "took ~2 min on a 2-core CPU (--cpu-compile)"})
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--device",
+               args.device, "--preset", args.preset, "--mixtures", str(args.mixtures),
+               "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            rows.append({"mode": name, "note": f"failed: {last[:120]}"})
+            continue
+        rows.append({"mode": name, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    base = next((r["images_per_s"] for r in rows if r["mode"] == "eager fp32"
+                 and "images_per_s" in r), None)
+    threads = args.threads or torch.get_num_threads()
+    where = torch.cuda.get_device_name(args.device) if cuda else (
+        f"CPU ({platform.processor() or platform.machine()}, {threads} threads)")
+    memory = "peak CUDA memory allocated" if cuda else "peak process RSS"
+    print(f"PixelCNN++ + DLM training step, preset {args.preset!r}, {args.mixtures} mixtures, "
+          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up; "
+          f"{where}; torch {torch.__version__}")
+    print()
+    print(f"| mode | images/s | {memory} | speed vs eager fp32 |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        if "images_per_s" not in r:
+            print(f"| {r['mode']} | - | - | {r['note']} |")
+            continue
+        ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
+        print(f"| {r['mode']} | {r['images_per_s']:.1f} | {r['peak_bytes'] / 2**30:.2f} GiB "
+              f"| {ratio} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
