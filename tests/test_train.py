@@ -217,8 +217,15 @@ def test_train_step_bf16_keeps_likelihood_float32() -> None:
 def test_trainer_checks_arguments() -> None:
     model = dl.build("pixelcnn++", "dlm", preset="tiny", head_kwargs={"mixtures": 2})
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(TypeError, match="images must have dtype torch.uint8"):
         Trainer(model, images.float())
+    with pytest.raises(ValueError, match=r"images must have shape \(N, C, H, W\)"):
+        Trainer(model, images[0])
+    with pytest.raises(TypeError, match="labels must have dtype torch.int64"):
+        Trainer(model, images, torch.zeros(4, dtype=torch.int32),
+                config=TrainConfig(conditional=True))
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        TrainConfig(batch_size=2.0)
     with pytest.raises(ValueError, match="labels must be given"):
         Trainer(model, images, config=TrainConfig(conditional=True))
     with pytest.raises(ValueError, match="precision must be one of"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._checks import check_int
 from ._io import atomic_write
 
 __all__ = ["encode_png", "image_grid", "save_image_grid", "write_png"]
@@ -108,10 +109,8 @@ def image_grid(
     n, channels, height, width = images.shape
     if nrow is None:
         nrow = math.ceil(math.sqrt(n))
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be an int >= 1, got {nrow!r}")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    check_int(nrow, "nrow", 1)
+    check_int(padding, "padding", 0)
     if not 0 <= int(pad_value) <= 255:
         raise ValueError(f"pad_value must lie in [0, 255], got {pad_value!r}")
     ncol = min(nrow, n)

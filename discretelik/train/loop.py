@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..model import AutoregressiveModel
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum
@@ -56,20 +57,20 @@ _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 def _check_images(images: object, name: str) -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise ValueError(
-            f"{name} must be uint8 (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}"
-        )
+    if images.dtype != torch.uint8:
+        raise TypeError(f"{name} must have dtype torch.uint8, got {images.dtype}")
+    if images.dim() != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}")
     return images
 
 
 def _check_labels(labels: object, n: int, name: str) -> Tensor:
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype != torch.int64 or tuple(labels.shape) != (n,):
-        raise ValueError(
-            f"{name} must be int64 ({n},), got {labels.dtype} of shape {tuple(labels.shape)}"
-        )
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {labels.dtype}")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
     return labels
 
 
@@ -87,13 +88,13 @@ class ExponentialDecay:
 
     Raises:
         ValueError: ``decay`` outside ``(0, 1]`` or negative ``warmup_steps``.
+        TypeError: ``warmup_steps`` is not an int.
     """
 
     def __init__(self, decay: float = 0.999995, warmup_steps: int = 0) -> None:
         if not 0.0 < float(decay) <= 1.0:
             raise ValueError(f"decay must lie in (0, 1], got {decay!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        check_int(warmup_steps, "warmup_steps", 0)
         self.decay = float(decay)
         self.warmup_steps = warmup_steps
 
@@ -122,6 +123,7 @@ class RandomBatches:
         world_size: Number of processes.
 
     Raises:
+        TypeError: A count is not an int.
         ValueError: ``batch_size * world_size > num_items`` or arguments out of range.
     """
 
@@ -134,8 +136,7 @@ class RandomBatches:
             ("world_size", world_size, 1),
             ("rank", rank, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            check_int(value, name, low)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
         self.num_items, self.batch_size = num_items, batch_size
@@ -325,8 +326,7 @@ def evaluate_bpd(
     n = images.shape[0]
     if labels is not None:
         _check_labels(labels, n, "labels")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int(batch_size, "batch_size", 1)
     dist = dist or DistInfo()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shard = math.ceil(n / dist.world_size)
@@ -389,8 +389,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {self.precision!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        check_int(self.batch_size, "batch_size", 1)
+        check_int(self.warmup_steps, "warmup_steps", 0)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         for name in ("beta1", "beta2"):
@@ -422,6 +422,12 @@ class Trainer:
         config: A [`TrainConfig`][discretelik.train.TrainConfig].
         dist: This process's [`DistInfo`][discretelik.train.DistInfo]; default single CPU
             process.
+
+    Raises:
+        TypeError: ``model``/``config`` of the wrong type, or ``images``/``labels`` of the
+            wrong dtype (uint8 / int64 expected).
+        ValueError: Wrong shapes, channels that do not match the model, missing labels for a
+            conditional config, or fewer images than one global batch.
 
     Example:
         >>> model = build("pixelcnn++", "dlm", preset="tiny")  # doctest: +SKIP
@@ -610,7 +616,12 @@ class Trainer:
         missing = {"step", "model", "ema", "optimizer", "scheduler", "batches", "rng"} - set(state)
         if missing:
             raise ValueError(f"state is not a Trainer checkpoint: missing {sorted(missing)}")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # missing/unexpected keys or shapes: another model config
+            raise ValueError(
+                f"checkpoint does not fit this model (built with other settings?): {exc}"
+            ) from exc
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -701,10 +712,11 @@ class Trainer:
         Returns:
             The records written during this call.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
+        check_int(steps, "steps", 0)
+        check_int(log_every, "log_every", 1)
+        for name, period in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
+                             ("sample_every", sample_every)):
+            check_int(period, name, 0)
         main = self.dist.is_main
         bar = None
         if progress and main and self.step < steps:
