@@ -324,3 +324,17 @@ def test_script_wrong_data_path_is_a_clear_error(script, tmp_path: Path) -> None
     assert proc.returncode == 2
     assert f"error: {bad}: not a readable .npz file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_benchmark_script_prints_the_table(tmp_path: Path) -> None:
+    bench = ROOT / "examples" / "benchmarks" / "train_step.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(bench), "--device", "cpu", "--steps", "1",
+                           "--warmup", "0", "--batch-size", "2", "--threads", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| mode | images/s | peak process RSS | speed vs eager fp32 |")
+    assert rows[2].startswith("| eager fp32 |") and rows[2].endswith("| 1.00x |")
+    assert rows[3].startswith("| bf16 autocast |") and rows[3].endswith("x |")
+    assert "skipped on CPU" in rows[4]
