@@ -11,8 +11,22 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.distributions import Distribution
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def value_checks_enabled() -> bool:
+    """Whether to run value checks that read tensor contents (and so synchronise a GPU).
+
+    They follow ``torch.distributions``' global switch
+    (``Distribution.set_default_validate_args(False)`` turns them off for speed) and are
+    skipped while ``torch.compile`` traces, where they would break the graph. Shape and dtype
+    checks always run.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return bool(Distribution._validate_args)
 
 
 def check_tensor(value: object, name: str) -> Tensor:

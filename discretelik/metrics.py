@@ -21,7 +21,7 @@ def bits_per_dim(log_prob: Tensor, event_shape: Sequence[int]) -> Tensor:
     Returns:
         ``-log_prob / (log(2) * prod(event_shape))``, same shape and dtype as ``log_prob``.
     """
-    dims = math.prod(int(d) for d in event_shape)
+    dims = math.prod(map(int, event_shape))  # no generator: keeps torch.compile graphs whole
     if dims <= 0:
         raise ValueError(f"event_shape must have a positive number of elements, got {tuple(event_shape)}")
     return -log_prob / (math.log(2.0) * dims)

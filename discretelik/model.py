@@ -7,7 +7,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int, check_integer_dtype, check_levels, check_ndim, check_tensor
+from ._checks import (
+    check_int,
+    check_integer_dtype,
+    check_levels,
+    check_ndim,
+    check_tensor,
+    value_checks_enabled,
+)
 from .backbones.base import Backbone, Conditioning
 from .heads.base import DiscreteImageDistribution, Head
 from .metrics import bits_per_dim
@@ -58,7 +65,11 @@ class AutoregressiveModel(nn.Module):
         return self.head.bins
 
     def check_image(self, x: Tensor, name: str = "x") -> None:
-        """Validate an integer image ``(B, C, H, W)`` with levels in ``[0, bins - 1]``."""
+        """Validate an integer image ``(B, C, H, W)`` with levels in ``[0, bins - 1]``.
+
+        The range check reads the tensor; it is skipped when
+        ``torch.distributions.Distribution.set_default_validate_args(False)`` is in force.
+        """
         check_tensor(x, name)
         check_integer_dtype(x, name)
         check_ndim(x, 4, name, "(B, C, H, W)")
@@ -66,7 +77,8 @@ class AutoregressiveModel(nn.Module):
             raise ValueError(
                 f"{name} must have {self.channels} channels, got shape {tuple(x.shape)}"
             )
-        check_levels(x, self.bins, name)
+        if value_checks_enabled():
+            check_levels(x, self.bins, name)
 
     def scale(self, x: Tensor) -> Tensor:
         """Map integer levels ``(B, C, H, W)`` to float32 in ``[-1, 1]`` (level 0 -> -1)."""

@@ -20,7 +20,7 @@ from typing import ClassVar, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_float_dtype, check_ndim, check_tensor
+from .._checks import check_float_dtype, check_ndim, check_tensor, value_checks_enabled
 
 __all__ = ["Backbone", "Conditioning"]
 
@@ -112,7 +112,12 @@ class Backbone(nn.Module):
                 raise ValueError(
                     f"cond label must have shape ({batch},), got {tuple(label.shape)}"
                 )
-            if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.num_classes):
+            # Reading the labels synchronises a GPU; the global validation switch skips it.
+            if (
+                value_checks_enabled()
+                and label.numel()
+                and (int(label.min()) < 0 or int(label.max()) >= self.num_classes)
+            ):
                 raise ValueError(
                     f"cond label must lie in [0, {self.num_classes - 1}], got "
                     f"[{int(label.min())}, {int(label.max())}]"
