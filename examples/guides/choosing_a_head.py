@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -94,8 +95,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     x_test, _ = load_bundled("cifar10", "test")     # uint8 (250, 3, 32, 32)
     if args.tiny:
         x_train, x_test = x_train[:32, :, :8, :8], x_test[:8, :, :8, :8]
-    rows = [run(h, b, x_train, x_test, steps, batch, args.seed, args.tiny)
-            for b in args.bits for h in args.heads]
+    rows = []
+    for b in args.bits:
+        for h in args.heads:
+            rows.append(run(h, b, x_train, x_test, steps, batch, args.seed, args.tiny))
+            print(f"{h} at {b} bits: {rows[-1]['bpd']:.3f} bits/dim, {rows[-1]['step_ms']:.0f} ms/step",
+                  file=sys.stderr, flush=True)
     print(f"pixelcnn backbone, {steps} steps of batch {batch}, images {tuple(x_train.shape[1:])}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print()
