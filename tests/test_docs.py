@@ -17,7 +17,6 @@ NAMESPACES = (
     "discretelik",
     "discretelik.testing",
     "discretelik.data",
-    "discretelik.data.cifar10",
     "discretelik.nn",
     "discretelik.train",
 )

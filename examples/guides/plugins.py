@@ -13,7 +13,7 @@ that package's ``pyproject.toml``::
     [project.entry-points."discretelik.backbones"]
     tiny_masked = "mypkg.backbones:TinyMasked"
 
-    python examples/guides/plugins.py           # ~1 minute on a CPU
+    python examples/guides/plugins.py           # ~10 s on a CPU
     python examples/guides/plugins.py --tiny    # seconds (CI)
 
 The guide that walks through this file is ``docs/guides/plugins.md``.

@@ -6,7 +6,7 @@ those grids - a K-way softmax per position, where K is the codebook size - condi
 the digit label (``--cond class``) or on a coarse 4x4 version of the image (``--cond spatial``).
 Sampling the prior and decoding gives new digits of the requested class.
 
-    python examples/guides/vqvae_prior.py                   # class conditioning, ~2 min on a CPU
+    python examples/guides/vqvae_prior.py                   # class conditioning, ~1 min on a CPU
     python examples/guides/vqvae_prior.py --cond spatial
     python examples/guides/vqvae_prior.py --tiny            # seconds (CI)
 
