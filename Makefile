@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 docs: setup
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 serve-docs: setup
 	$(VENV)/bin/mkdocs serve

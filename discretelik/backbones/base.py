@@ -24,9 +24,9 @@ from .._checks import check_float_dtype, check_ndim, check_tensor, value_checks_
 
 __all__ = ["Backbone", "Conditioning"]
 
-#: Conditioning accepted by backbones: class labels ``(B,)`` int64, a spatial map
-#: ``(B, cond_channels, h, w)`` float, or a mapping ``{"label": ..., "map": ...}`` for both.
 Conditioning = Union[Tensor, Mapping[str, Tensor], None]
+"""Conditioning accepted by backbones: class labels int64 ``(B,)``, a spatial map float
+``(B, cond_channels, h, w)``, a mapping ``{"label": ..., "map": ...}`` for both, or ``None``."""
 
 
 class Backbone(nn.Module):

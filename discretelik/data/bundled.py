@@ -11,6 +11,7 @@ from torch import Tensor
 __all__ = ["load_bundled", "BUNDLED_DATASETS"]
 
 BUNDLED_DATASETS = ("cifar10", "mnist")
+"""Names accepted by [`load_bundled`][discretelik.data.load_bundled]."""
 
 
 def load_bundled(name: str = "cifar10", split: str = "train") -> tuple[Tensor, Tensor]:

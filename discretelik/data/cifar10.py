@@ -33,7 +33,6 @@ from torch import Tensor
 
 __all__ = ["CIFAR10_CLASSES", "UnsafePickleError", "load_cifar10", "read_cifar10_pickle"]
 
-#: Class names in label order 0-9.
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -46,6 +45,7 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
+"""CIFAR-10 class names in label order 0-9."""
 
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_BATCHES = ("test_batch",)
