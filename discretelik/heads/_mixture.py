@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.distributions.utils import lazy_property
 
 from .._checks import check_int
 from .base import DiscreteImageDistribution, Head
@@ -170,11 +171,34 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         # The base class checks channels/bins, the parameter count, NaNs, and promotes half types.
         super().__init__(params, channels, bins, validate_args=validate_args)
         self.layout = MixtureLayout(self.channels, mixtures, coupling)
+
+    # The split parameters are built on first use, not in ``__init__``: a log-probability that
+    # reads only ``params`` (the logistic head's fused path) then never allocates them.
+    @lazy_property
+    def _parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         logits, loc, log_scale, coeff = self.layout.split(self.params)
-        self._log_weights = torch.log_softmax(logits, dim=-3)  # batch + (K, H, W)
-        self._loc = loc  # batch + (K, C, H, W)
-        self._log_scale = log_scale.clamp(min=self.min_log_scale)  # batch + (K, C, H, W)
-        self._coeff = torch.tanh(coeff)  # batch + (K, M, H, W)
+        return (
+            torch.log_softmax(logits, dim=-3),  # batch + (K, H, W)
+            loc,  # batch + (K, C, H, W)
+            log_scale.clamp(min=self.min_log_scale),  # batch + (K, C, H, W)
+            torch.tanh(coeff),  # batch + (K, M, H, W)
+        )
+
+    @property
+    def _log_weights(self) -> Tensor:
+        return self._parts[0]
+
+    @property
+    def _loc(self) -> Tensor:
+        return self._parts[1]
+
+    @property
+    def _log_scale(self) -> Tensor:
+        return self._parts[2]
+
+    @property
+    def _coeff(self) -> Tensor:
+        return self._parts[3]
 
     # -- the continuous family (standardised variable) --------------------------------------
     @staticmethod
@@ -229,7 +253,7 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         width is not, and the error grows by the inverse scale, up to ``e^7``).
         """
         n = self.bins - 1
-        return (2 * level - (n - shift)).to(self._loc.dtype) / n
+        return (2 * level - (n - shift)).to(self.params.dtype) / n
 
     def _log_bin_mass(self, level: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
         """``log P(x = level)`` for one discretized component; all arguments broadcast.

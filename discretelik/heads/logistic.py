@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_head
+from ._fused_dlm import fused_elementwise_log_prob
 from ._mixture import LocationScaleMixtureDistribution, MixtureHead
 
 __all__ = ["DiscretizedLogisticMixture", "DiscretizedLogisticMixtureDistribution"]
@@ -134,7 +135,25 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
     Raises:
         TypeError: A non-float ``params`` or wrongly typed option.
         ValueError: ``params`` without ``P`` channels, or an out-of-range option.
+
+    Attributes:
+        use_fused_log_prob: ``True`` (default): ``log_prob`` runs the memory-lean single
+            autograd node of ``discretelik.heads._fused_dlm``, which loops over the components
+            and keeps no ``K``-fold temporaries; ``False``: the eager reference path (all
+            components at once, plain autograd, twice differentiable). Set it on the class or
+            on one instance. Under ``torch.compile`` the eager path is always used.
     """
+
+    use_fused_log_prob: bool = True
+
+    def _elementwise_log_prob(self, value: Tensor) -> Tensor:
+        # The compiler fuses the eager graph itself and traces plain ops more reliably than a
+        # custom autograd.Function with a Python loop.
+        if self.use_fused_log_prob and not torch.compiler.is_compiling():
+            return fused_elementwise_log_prob(
+                self.params, value, self.layout, self.bins, self.min_log_scale
+            )
+        return super()._elementwise_log_prob(value)
 
     @staticmethod
     def _log_cdf(z: Tensor) -> Tensor:
