@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from discretelik.heads import _fused_dlm
 from discretelik.heads._fused_dlm import fused_elementwise_log_prob
 from discretelik.heads._mixture import MixtureLayout
 from discretelik.heads.logistic import (
@@ -26,6 +27,14 @@ from discretelik.heads.logistic import (
 )
 
 EXTREMES = torch.tensor([-1e4, -1e3, -30.0, -7.5, -1.0, 0.0, 0.5, 7.0, 30.0, 1e3, 1e4])
+
+
+@pytest.fixture(params=["one component per step", "all components at once"])
+def steps(request, monkeypatch) -> None:
+    """Run a test with one component per loop step, and with the small-input default, which
+    takes every component of these small cases at once."""
+    if request.param == "one component per step":
+        monkeypatch.setattr(_fused_dlm, "_STEP_ELEMENTS", 1)
 
 
 def dist(params, channels, mixtures, bins, coupling, fused, **kw):
@@ -44,7 +53,9 @@ def value_and_grad(params, x, weights, fused, **kw):
     return elp.detach(), grad
 
 
-def case(seed, channels, mixtures, bins, coupling, batch=(2,), sample=(), hw=(2, 3), dtype=torch.float64):
+def case(
+    seed, channels, mixtures, bins, coupling, batch=(2,), sample=(), hw=(2, 3), dtype=torch.float64
+):
     """Moderate random raw parameters (some log-scales below the clamp) and levels with edges."""
     gen = torch.Generator().manual_seed(seed)
     p = MixtureLayout(channels, mixtures, coupling).param_channels
@@ -59,7 +70,7 @@ def case(seed, channels, mixtures, bins, coupling, batch=(2,), sample=(), hw=(2,
 @pytest.mark.parametrize("channels", [1, 3, 4])
 @pytest.mark.parametrize("bins", [2, 32, 256, 65536])
 @pytest.mark.parametrize("coupling", [True, False])
-def test_float64_matches_eager(channels: int, bins: int, coupling: bool) -> None:
+def test_float64_matches_eager(channels: int, bins: int, coupling: bool, steps) -> None:
     kw = dict(channels=channels, mixtures=3, bins=bins, coupling=coupling)
     params, x, weights = case(bins + channels, sample=(2,), **kw)
     fused = value_and_grad(params, x, weights, True, **kw)
@@ -70,11 +81,20 @@ def test_float64_matches_eager(channels: int, bins: int, coupling: bool) -> None
 
 @pytest.mark.parametrize(
     ("channels", "mixtures", "bins", "coupling", "sample"),
-    [(3, 3, 256, True, ()), (1, 2, 2, True, (2,)), (4, 2, 32, True, ()), (3, 2, 16, False, (2, 1))],
+    [
+        (3, 3, 256, True, ()),
+        (1, 2, 2, True, (2,)),
+        (4, 2, 32, True, ()),
+        (3, 2, 16, False, (2, 1)),
+    ],
 )
-def test_gradcheck(channels: int, mixtures: int, bins: int, coupling: bool, sample) -> None:
+def test_gradcheck(
+    channels: int, mixtures: int, bins: int, coupling: bool, sample, steps
+) -> None:
     layout = MixtureLayout(channels, mixtures, coupling)
-    params, x, _ = case(7, channels, mixtures, bins, coupling, batch=(1,), sample=sample, hw=(1, 2))
+    params, x, _ = case(
+        7, channels, mixtures, bins, coupling, batch=(1,), sample=sample, hw=(1, 2)
+    )
     # Keep raw log-scales off the clamp at -7, where the gradient jumps (one below, clamped).
     scale_channels = layout.split(torch.arange(float(layout.param_channels))[:, None, None])[2]
     values = torch.tensor([-9.0, -2.0, 0.5, -1.0], dtype=torch.float64)
@@ -91,7 +111,7 @@ def test_gradcheck(channels: int, mixtures: int, bins: int, coupling: bool, samp
 @pytest.mark.parametrize("channels", [1, 3, 4])
 @pytest.mark.parametrize("bins", [2, 32, 256, 65536])
 @pytest.mark.parametrize("coupling", [True, False])
-def test_float32_extreme_parameters(channels: int, bins: int, coupling: bool) -> None:
+def test_float32_extreme_parameters(channels: int, bins: int, coupling: bool, steps) -> None:
     """Random and extreme (+-1e4) raw parameters at edge and near-edge bins."""
     k = 3
     p = MixtureLayout(channels, k, coupling).param_channels
@@ -116,7 +136,7 @@ def test_float32_extreme_parameters(channels: int, bins: int, coupling: bool) ->
     assert (err <= 5e-3 * truth.abs().flatten(1).amax(1) + 1e-6).all(), err.max()
 
 
-def test_sample_shape_and_expanded_params() -> None:
+def test_sample_shape_and_expanded_params(steps) -> None:
     """Leading sample dimensions and ``expand``-ed (stride 0) parameters."""
     kw = dict(channels=3, mixtures=4, bins=256, coupling=True)
     params, x, weights = case(3, batch=(1, 2), sample=(3,), **kw)
@@ -146,7 +166,7 @@ def test_head_defaults_to_the_fused_path() -> None:
     assert lp.dtype == torch.float32 and torch.isfinite(lp).all()
 
 
-def test_no_grad_and_single_component() -> None:
+def test_no_grad_and_single_component(steps) -> None:
     kw = dict(channels=3, mixtures=1, bins=256, coupling=True)
     params, x, weights = case(4, **kw)
     fused = value_and_grad(params, x, weights, True, **kw)
@@ -191,8 +211,25 @@ def memory_case(fused: bool):
     return params, x, k, saved, mode.sizes
 
 
+def test_components_per_step() -> None:
+    """Any step size gives the same values and gradients (up to rounding)."""
+    kw = dict(channels=3, mixtures=5, bins=256, coupling=True)
+    layout = MixtureLayout(3, 5, True)
+    params, x, weights = case(8, sample=(2,), **kw)
+    results = []
+    for step in (1, 2, 5, 100):
+        p = params.detach().requires_grad_(True)
+        elp = fused_elementwise_log_prob(p, x, layout, 256, -7.0, components_per_step=step)
+        (grad,) = torch.autograd.grad((elp * weights).sum(), p)
+        results.append((elp.detach(), grad))
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("fused", [True, False])
-def test_no_k_fold_temporaries(fused: bool) -> None:
+def test_no_k_fold_temporaries(fused: bool, monkeypatch) -> None:
+    # One component per step (the default for inputs of 2**16 elements and more).
+    monkeypatch.setattr(_fused_dlm, "_STEP_ELEMENTS", 1)
     params, x, k, saved, sizes = memory_case(fused)
     big = k * x.numel()  # one (B, K, C, H, W) tensor
     # Saved for backward: the parameters, the levels and one (B, C, H, W) running maximum
@@ -205,3 +242,10 @@ def test_no_k_fold_temporaries(fused: bool) -> None:
     assert lean_saved == fused and lean_ops == fused, (sum(saved), max(n for _, n in sizes))
     if fused:
         assert max(n for _, n in sizes if n != params.numel()) < big
+
+
+def test_branch_constants_match_the_eager_path() -> None:
+    from discretelik.heads import logistic
+
+    for name in ("_LOG2", "_TINY_LOG_HALF_WIDTH", "_FAR_TAIL"):
+        assert getattr(_fused_dlm, name) == getattr(logistic, name), name

@@ -13,24 +13,28 @@ gradient with respect to the raw parameters ``(B, P, H, W)``:
   reference path (``use_fused_log_prob = False``): stable log-space bin masses of all
   ``(K, C)`` component-channel pairs at once, plain autograd;
 * ``lean DLM head``: the default path, ``discretelik.heads._fused_dlm``: one autograd node that
-  saves only the raw parameters, the levels and three ``(B, C, H, W)`` per-channel results, and
-  loops over the components in forward and (recomputing) in backward.
+  saves only the raw parameters, the levels and one ``(B, C, H, W)`` tensor, and loops over
+  the components in forward and (recomputing the bin masses) twice in backward.
 
 Every implementation runs in a fresh subprocess (so that nothing one leaves in the allocator
 caches is credited to the next), on the same seeded parameters and levels, once as a warm-up
 and then ``--repeats`` times; the table gives
 
 * ``time``: the median wall time of forward + backward;
-* ``peak extra``: memory above what was in use just before the call (parameters and levels
-  already allocated), at the highest point of forward + backward, the returned gradient
-  included. On CUDA that is ``torch.cuda.max_memory_allocated`` minus
+* ``peak extra``: tensor memory above what was in use just before the call (parameters and
+  levels already allocated), at the highest point of forward + backward, the returned
+  gradient included. On CUDA that is ``torch.cuda.max_memory_allocated`` minus
   ``torch.cuda.memory_allocated`` before the call (after ``reset_peak_memory_stats``). On CPU
-  PyTorch keeps no allocation statistics, so it is the growth of the process's resident set:
-  after the warm-up, ``gc.collect()`` and glibc's ``malloc_trim(0)`` hand freed memory back to
-  the OS, writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's high-water mark
-  ``VmHWM``, and the figure is ``VmHWM`` after the call minus ``VmRSS`` before it. That counts
-  pages actually touched (allocator-independent, an upper bound up to allocator slack of a few
-  MB); on a system without ``clear_refs`` the column reads ``n/a``;
+  PyTorch keeps no allocation statistics, so the bytes of the live tensor storages created in
+  the call are tracked op by op (``torch.distributed._tools.mem_tracker.MemTracker``, a
+  ``TorchDispatchMode`` with weak references to storages): exact, independent of the
+  allocator; ``n/a`` where that private tool is missing;
+* ``peak RSS`` (CPU only): the same seen by the OS, allocator slack and fragmentation
+  included: after the warm-up, ``gc.collect()`` and glibc's ``malloc_trim(0)`` hand freed
+  memory back, writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's high-water mark
+  ``VmHWM``, and the figure is ``VmHWM`` after the call minus ``VmRSS`` before it (an upper
+  bound that varies from run to run, by tens of MB for the eager paths; ``n/a`` without
+  ``clear_refs``);
 * ``saved``: the bytes autograd keeps for backward, counted exactly through
   ``torch.autograd.graph.saved_tensors_hooks`` (each storage once, the parameters and levels
   themselves excluded): the part of the memory that scales with the graph, whatever the device
@@ -136,6 +140,20 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _tracked_peak(step: Callable[[], object]) -> int | None:
+    """Peak bytes of the tensor storages created by ``step`` (CPU); None without MemTracker."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    tracker = MemTracker()
+    with tracker:
+        result = step()
+    del result
+    peaks = tracker.get_tracker_snapshot("peak").values()
+    return sum(int(per_device["Total"]) for per_device in peaks)
+
+
 def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -179,6 +197,7 @@ def worker(args: argparse.Namespace) -> dict:
     del loss, seen
 
     # Peak extra memory of one forward + backward.
+    out["rss"] = None
     if device.type == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats(device)
@@ -187,13 +206,13 @@ def worker(args: argparse.Namespace) -> dict:
         sync()
         out["peak"] = torch.cuda.max_memory_allocated(device) - before
         del result
-    elif _reset_peak_rss():
-        before = _proc_kb("VmRSS")
-        result = step()
-        out["peak"] = (_proc_kb("VmHWM") - before) * 1024
-        del result
     else:
-        out["peak"] = None
+        out["peak"] = _tracked_peak(step)
+        if _reset_peak_rss():
+            before = _proc_kb("VmRSS")
+            result = step()
+            out["rss"] = (_proc_kb("VmHWM") - before) * 1024
+            del result
 
     times = []
     for _ in range(args.repeats):
@@ -258,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
 
     header = (
         f"{'implementation':24s} {'time ms':>8s} {'peak extra MB':>14s} {'x BKCHW':>8s} "
-        f"{'saved MB':>9s} {'time/base':>10s} {'peak/base':>10s}"
+        f"{'peak RSS MB':>12s} {'saved MB':>9s} {'time/base':>10s} {'peak/base':>10s}"
     )
     print(header)
     print("-" * len(header))
@@ -269,13 +288,16 @@ def main(argv: list[str] | None = None) -> None:
         units = "n/a" if r["peak"] is None else f"{r['peak'] / bkchw:.1f}"
         print(
             f"{name:24s} {1e3 * r['time']:8.1f} {mb(r['peak']):>14s} {units:>8s} "
-            f"{mb(r['saved']):>9s} {t_ratio:>10s} {p_ratio:>10s}"
+            f"{mb(r['rss']):>12s} {mb(r['saved']):>9s} {t_ratio:>10s} {p_ratio:>10s}"
         )
     print(f"\none float32 B x K x C x H x W tensor = {mb(bkchw)} MB")
     for name, r in rows.items():
         extra = ""
         if "diff_value" in r:
-            extra = f"; vs eager: |d value| {r['diff_value']:.2e}, max|d grad|/max|grad| {r['diff_grad']:.2e}"
+            extra = (
+                f"; vs eager: |d value| {r['diff_value']:.2e}, "
+                f"max|d grad| / max|grad| {r['diff_grad']:.2e}"
+            )
         print(f"{name}: mean log-likelihood {r['value']:.4f}{extra}")
 
 
