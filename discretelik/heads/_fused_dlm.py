@@ -199,9 +199,12 @@ def _component(
     lower = (geo.lower_edge - mu) * inv_scale
     h = inv_scale / geo.n  # standardised half-width
     log_h = -math.log(geo.n) - ls
+    # The working set is what this file is about: each tensor here is a full
+    # ``(..., k, C, H, W)``, so the ones no longer needed go as soon as possible.
+    del ls, loc, mu
 
     # Middle bins: the eager formula (same values), folded to the right half. ``a = -lower``
-    # is taken as ``-1 * lower`` so that every choice is between two close values (see _pick).
+    # is taken as ``-1 * lower`` so that every choice is between two close values (see _chooser).
     flip = _chooser(upper + lower < 0, upper.dtype)
     sign = flip(-1.0, 1.0)
     a, b = flip(lower, upper) * sign, flip(upper, lower) * sign
@@ -220,15 +223,18 @@ def _component(
     log_mass = geo.first(F.logsigmoid(upper), geo.last(F.logsigmoid(-lower), middle))
     if not with_grad:
         return (log_mass,)
+    del log_a, log_wide, log_sinh, log_narrow, middle, log_h, h
 
     # d middle / d(a, b), per branch.
     d_a = wide(torch.sigmoid(-aw) / one_minus_rho, -0.5 * torch.tanh(a / 2))
     d_b = wide(
         -torch.exp(log_ratio) * torch.sigmoid(-bw) / one_minus_rho, -0.5 * torch.tanh(b / 2)
     )
+    del aw, bw, log_ratio, one_minus_rho, a, b
     # Narrow branch through h = exp(-ls) / n: d log sinh(h) / d ls = -h coth(h), or -1 if tiny.
     h_coth = safe_h * (1.0 + torch.exp(-2.0 * safe_h)) / neg_expm1
     d_ls_h = wide(0.0, tiny(-1.0, -h_coth))
+    del safe_h, neg_expm1, h_coth
     # Unfold (a = -lower, b = -upper where flipped), then the open edge bins:
     # log sigma(upper) at level 0 and log sigma(-lower) at the top level.
     d_upper = geo.first(torch.sigmoid(-upper), geo.last(0.0, flip(d_b, d_a) * sign))
@@ -349,7 +355,7 @@ class _FusedDLMLogProb(torch.autograd.Function):
         def put(index: Tensor, ks: slice, t: Tensor) -> None:  # t: batch + (k, X, H, W)
             out.index_copy_(-3, index[ks].flatten(), t.flatten(-4, -3))
 
-        for ks in _steps(k_all, ctx.step):
+        def one_step(ks: slice) -> None:  # a function, so that its tensors go when it returns
             log_mass, d_mu, d_ls, raw_ls, coeff = _component(
                 params, geo, ks, ctx.min_log_scale, with_grad=True
             )
@@ -357,14 +363,17 @@ class _FusedDLMLogProb(torch.autograd.Function):
             y = centred + log_mass  # as in the first pass
             before = torch.exp(centred - log_s_v)  # q_kc: posterior before channel c
             after = torch.exp((y - peak) - log_s_y)  # r_kc: posterior after it
+            del log_mass, centred, y
             g_v = grad * (after - before)  # d out_c / d v_kc, times g_c
             d_log_weights.append(reduce(g_v.sum(dim=-3)))  # batch + (k, H, W)
             # L_kc enters out_c directly and every later channel's v_kc'.
             later = g_v.flip(-3).cumsum(-3).flip(-3)  # sum_{c' >= c}
             later = torch.cat([later[..., 1:, :, :], torch.zeros_like(later[..., :1, :, :])], -3)
             d_mass = grad * after + later
+            del g_v, later, before, after
             d_mu = d_mass * d_mu
             d_ls = reduce(d_mass * d_ls)
+            del d_mass
             # Below the clamp the raw log-scale gets no gradient (as clamp's backward).
             put(geo.scale_index, ks, _chooser(raw_ls >= ctx.min_log_scale, d_ls.dtype)(d_ls, 0.0))
             put(geo.loc_index, ks, reduce(d_mu))
@@ -374,6 +383,9 @@ class _FusedDLMLogProb(torch.autograd.Function):
                     [d_mu[..., c, :, :] * geo.centre[..., j, :, :] for c, j in geo.pairs], dim=-3
                 )
                 put(geo.coeff_index, ks, reduce(d_coeff) * (1.0 - coeff * coeff))
+
+        for ks in _steps(k_all, ctx.step):
+            one_step(ks)
         d_log_weights = torch.cat(d_log_weights, dim=-3)  # batch + (K, H, W)
         # Through log_softmax: d logits = d lw - softmax * sum_k d lw.
         d_logits = d_log_weights - log_weights.exp() * d_log_weights.sum(-3, keepdim=True)

@@ -140,18 +140,27 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _tracked_peak(step: Callable[[], object]) -> int | None:
-    """Peak bytes of the tensor storages created by ``step`` (CPU); None without MemTracker."""
+def _tracked_peak(step: Callable[[], object], inputs: tuple[Tensor, ...]) -> int | None:
+    """Peak extra bytes of live tensor storages during ``step`` (CPU); None without MemTracker.
+
+    The inputs are registered first: otherwise the first view of them (a ``narrow``, a
+    ``permute``) would count their whole storage as new.
+    """
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError:
         return None
+
+    def total(snapshot: dict) -> int:
+        return sum(int(per_device["Total"]) for per_device in snapshot.values())
+
     tracker = MemTracker()
+    tracker.track_external(*inputs)
     with tracker:
+        before = total(tracker.get_tracker_snapshot("current"))
         result = step()
     del result
-    peaks = tracker.get_tracker_snapshot("peak").values()
-    return sum(int(per_device["Total"]) for per_device in peaks)
+    return total(tracker.get_tracker_snapshot("peak")) - before
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -207,7 +216,7 @@ def worker(args: argparse.Namespace) -> dict:
         out["peak"] = torch.cuda.max_memory_allocated(device) - before
         del result
     else:
-        out["peak"] = _tracked_peak(step)
+        out["peak"] = _tracked_peak(step, (params, x))
         if _reset_peak_rss():
             before = _proc_kb("VmRSS")
             result = step()
