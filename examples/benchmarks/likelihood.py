@@ -62,8 +62,9 @@ times vary by ~10 % between runs there; no GPU was available to measure):
     lean DLM head            335.4           63.9      8.5         88.2       0.8
 
 The lean peak is the returned gradient (``B x 100 x H x W``, 3.3 BKCHW units) plus a working
-set of about 50 ``B x C x H x W`` tensors, whatever ``K``; it pays with ~1.2x the eager time
-on CPU (the bin masses are evaluated three times). The baseline's mean log-likelihood differs
+set of about ``45 + 2 K / 3`` ``B x C x H x W`` tensors (measured for ``K`` = 1 to 20: the
+``K`` part is the ``B x K x H x W`` mixture weights and their gradient); it pays with ~1.2x
+the eager time on CPU (the bin masses are evaluated three times). The baseline's mean log-likelihood differs
 from the heads' in the 5th digit: its density fallback for bins of mass below ``1e-5``.
 """
 
