@@ -137,19 +137,24 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
         ValueError: ``params`` without ``P`` channels, or an out-of-range option.
 
     Attributes:
-        use_fused_log_prob: ``True`` (default): ``log_prob`` runs the memory-lean single
-            autograd node of ``discretelik.heads._fused_dlm``, which loops over the components
-            and keeps no ``K``-fold temporaries; ``False``: the eager reference path (all
-            components at once, plain autograd, twice differentiable). Set it on the class or
-            on one instance. Under ``torch.compile`` the eager path is always used.
+        use_fused_log_prob: ``True``: ``log_prob`` runs the memory-lean single autograd
+            node of ``discretelik.heads._fused_dlm``, which loops over the components and
+            keeps no ``K``-fold temporaries; ``False``: the eager reference path (all
+            components at once, plain autograd, twice differentiable); ``None`` (default):
+            the lean path for CPU tensors, the eager path elsewhere (on a GPU the lean path's
+            many small kernels would be launch-bound). Set it on the class or on one instance.
+            Under ``torch.compile`` the eager path is always used.
     """
 
-    use_fused_log_prob: bool = True
+    use_fused_log_prob: bool | None = None
 
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
         # The compiler fuses the eager graph itself and traces plain ops more reliably than a
         # custom autograd.Function with a Python loop.
-        if self.use_fused_log_prob and not torch.compiler.is_compiling():
+        fused = self.use_fused_log_prob
+        if fused is None:
+            fused = self.params.device.type == "cpu"
+        if fused and not torch.compiler.is_compiling():
             return fused_elementwise_log_prob(
                 self.params, value, self.layout, self.bins, self.min_log_scale
             )
