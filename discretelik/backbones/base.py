@@ -122,6 +122,8 @@ class Backbone(nn.Module):
                     f"cond label must lie in [0, {self.num_classes - 1}], got "
                     f"[{int(label.min())}, {int(label.max())}]"
                 )
+            # Embedding lookups take int64/int32 indices only; uint8 / int16 labels pass above.
+            label = label.long()
         if self.cond_channels is None and cmap is not None:
             raise ValueError(f"cond has a spatial map but {name} was built with cond_channels=None")
         if self.cond_channels is not None:

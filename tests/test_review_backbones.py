@@ -1,0 +1,21 @@
+"""Review regressions for the backbones, their building blocks and the sampling caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import discretelik as dl
+
+CONDITIONAL = ["pixelcnn", "gated_pixelcnn", "row_lstm", "diagonal_bilstm", "pixelcnn++"]
+
+
+@pytest.mark.parametrize("name", CONDITIONAL)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_any_integer_label_dtype_gives_the_int64_features(name: str, dtype: torch.dtype) -> None:
+    # split_cond accepts every integer dtype; the embeddings need int64 (or int32) indices.
+    torch.manual_seed(0)
+    net = dl.create_backbone(name, preset="tiny", num_classes=4).eval()
+    x = torch.rand(2, 3, 4, 4) * 2 - 1
+    label = torch.tensor([1, 3])
+    torch.testing.assert_close(net(x, label.to(dtype)), net(x, label))
