@@ -6,6 +6,8 @@ import hashlib
 import importlib.util
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +174,60 @@ def test_shared_copy_matches_published_hash_and_bundled_subset() -> None:
     assert torch.bincount(y).tolist() == [1000] * 10
     bx, by = load_bundled("cifar10", "test")
     assert torch.equal(bx, x[: len(bx)]) and torch.equal(by, y[: len(by)])
+
+
+class _TamperedDtype:
+    """A uint8-sized void dtype whose pickled state declares an object field but no object flag."""
+
+    def __reduce__(self):
+        state = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)
+        return (np.dtype, ("V8", False, True), state)
+
+
+class _PointerScalar:
+    """A scalar of that dtype: its 8 bytes would be read as a PyObject pointer."""
+
+    def __reduce__(self):
+        return (np.float64(0).__reduce__()[0], (_TamperedDtype(), b"\x41" * 8))
+
+
+class _Deref:
+    """np.dtype("u1", align=scalar) takes the scalar's truth value, dereferencing the pointer."""
+
+    def __reduce__(self):
+        return (np.dtype, ("u1", _PointerScalar()))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_pickle_with_forged_object_dtype_is_refused_without_crashing(
+    tmp_path: Path, protocol: int
+) -> None:
+    # Only allowed numpy globals, but a dtype whose BUILD state hides an object field turns
+    # file bytes into object pointers: the reader must refuse it, not crash the interpreter.
+    bad = tmp_path / "data_batch_1"
+    bad.write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0],
+                                  "x": _Deref()}, protocol=protocol))
+    code = (
+        "import sys\n"
+        "from discretelik.data.cifar10 import UnsafePickleError, read_cifar10_pickle\n"
+        "try:\n"
+        "    read_cifar10_pickle(sys.argv[1])\n"
+        "except UnsafePickleError as exc:\n"
+        "    print('refused:', exc)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert "refused:" in proc.stdout and str(bad) in proc.stdout
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_pickled_numpy_labels_and_arrays_still_load(tmp_path: Path, protocol: int) -> None:
+    x = _images(3, 7)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": _planar(x), "labels": np.arange(3, dtype=np.int64),
+                                   "first": np.int64(2)}, protocol=protocol))
+    images, labels = read_cifar10_pickle(path)
+    assert torch.equal(images, _nchw(x)) and labels.tolist() == [0, 1, 2]

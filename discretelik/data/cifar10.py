@@ -56,6 +56,29 @@ class UnsafePickleError(pickle.UnpicklingError):
     """A pickle asked for a global that the CIFAR-10 reader does not allow."""
 
 
+def _safe_dtype(dtype: Any) -> np.dtype:
+    """A fresh copy of a plain numeric dtype, or ``UnsafePickleError``.
+
+    A pickle rebuilds a dtype and then sets its state (fields, flags, sizes) from file bytes:
+    a dtype that hides an object field behind a cleared object flag would make numpy read
+    bytes of the file as object pointers. So every array or scalar takes its dtype through
+    here: only bool/int/uint/float kinds pass, rebuilt from their type string.
+    """
+    try:
+        ok = (
+            isinstance(dtype, np.dtype)
+            and dtype.kind in "biuf"
+            and dtype.names is None
+            and dtype.subdtype is None
+            and not dtype.hasobject
+        )
+        if ok:
+            return np.dtype(dtype.str)
+    except Exception:  # a tampered dtype may fail in any attribute
+        pass
+    raise UnsafePickleError("refusing a dtype other than a plain bool, int or float")
+
+
 def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     # Take the callables from live objects instead of importing numpy's private modules: the
     # module that holds them moved (numpy.core -> numpy._core in numpy 2), and files written by
@@ -63,18 +86,52 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     reconstruct = np.empty(1).__reduce__()[0]  # ndarray pickles, protocols 0-4
     frombuffer = np.empty(1).__reduce_ex__(5)[0]  # ndarray pickles, protocol 5
     scalar = np.float64(0).__reduce__()[0]  # numpy scalars (labels saved as np.int64)
+
+    # Each callable is wrapped so that whatever dtype the pickle hands it passes _safe_dtype.
+    def make_dtype(obj: Any, align: Any = False, copy: Any = True) -> np.dtype:
+        if not isinstance(obj, (str, bytes)):
+            raise UnsafePickleError(f"refusing numpy.dtype of a {type(obj).__name__}")
+        # Always a copy: the pickle's BUILD then sets the state of this copy, never of numpy's
+        # shared builtin dtype.
+        return np.dtype(obj, align=align is True, copy=True)
+
+    def make_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not _CheckedArray or not isinstance(dtype, (str, bytes)):
+            raise UnsafePickleError("refusing an array reconstruction other than numpy.ndarray")
+        return reconstruct(_CheckedArray, shape, _safe_dtype(np.dtype(dtype)))
+
+    def make_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+        return frombuffer(buf, _safe_dtype(dtype), shape, order)
+
+    def make_scalar(dtype: Any, *args: Any) -> Any:
+        return scalar(_safe_dtype(dtype), *args)
+
     allowed: dict[tuple[str, str], Callable[..., Any]] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): _CheckedArray,
+        ("numpy", "dtype"): make_dtype,
         # Python 3 pickles bytes as _codecs.encode(str, "latin1") under protocols < 3; it only
         # turns a string into bytes.
         ("_codecs", "encode"): __import__("codecs").encode,
     }
     for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+        allowed[(f"{core}.multiarray", "_reconstruct")] = make_array
+        allowed[(f"{core}.multiarray", "scalar")] = make_scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = make_frombuffer
     return allowed
+
+
+class _CheckedArray(np.ndarray):
+    """What a pickle's ``numpy.ndarray`` resolves to: its ``__setstate__`` checks the dtype."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_CheckedArray":
+        # Array pickles go through _reconstruct/_frombuffer; a direct call is not one of them.
+        raise UnsafePickleError("refusing a direct numpy.ndarray(...) call")
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise UnsafePickleError("refusing an ndarray state that is not a 4- or 5-tuple")
+        i = len(state) - 3  # (version,) shape, dtype, is_fortran, data
+        super().__setstate__(state[:i] + (_safe_dtype(state[i]),) + state[i + 1 :])
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -109,7 +166,8 @@ def read_cifar10_pickle(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
         ``(images, labels)``: images uint8 ``(N, 3, 32, 32)``, labels int64 ``(N,)``.
 
     Raises:
-        UnsafePickleError: The pickle references anything but numpy's array reconstruction.
+        UnsafePickleError: The pickle references anything but numpy's array reconstruction,
+            or an array or scalar whose dtype is not a plain bool, int or float.
         ValueError: The file is not a pickle, or its contents have the wrong keys, shapes,
             dtypes or label range; the message names the file.
     """
@@ -117,8 +175,12 @@ def read_cifar10_pickle(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor]:
     with open(path, "rb") as fh:
         try:
             obj = _RestrictedUnpickler(fh, str(path)).load()
-        except UnsafePickleError:
-            raise
+        except UnsafePickleError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise UnsafePickleError(
+                f"{path}: {exc}: this file is not a CIFAR-10 batch (or has been tampered with)"
+            ) from None
         except Exception as exc:  # truncated or non-pickle bytes raise many different types
             raise ValueError(
                 f"{path}: not a readable CIFAR-10 python batch ({type(exc).__name__}: {exc})"
