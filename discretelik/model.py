@@ -81,8 +81,14 @@ class AutoregressiveModel(nn.Module):
             check_levels(x, self.bins, name)
 
     def scale(self, x: Tensor) -> Tensor:
-        """Map integer levels ``(B, C, H, W)`` to float32 in ``[-1, 1]`` (level 0 -> -1)."""
-        return x.float() * (2.0 / (self.bins - 1)) - 1.0
+        """Map integer levels ``(B, C, H, W)`` to ``[-1, 1]`` (level 0 -> -1).
+
+        float32, or float64 when the backbone's parameters are float64 (a model in float32 or
+        lower precision gets float32, which autocast casts as it needs).
+        """
+        first = next(self.backbone.parameters(), None)
+        dtype = torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32
+        return x.to(dtype) * (2.0 / (self.bins - 1)) - 1.0
 
     def params(self, x: Tensor, cond: Conditioning = None) -> Tensor:
         """Raw head parameters ``(B, head.param_channels, H, W)`` for integer images ``x``."""
@@ -189,6 +195,13 @@ def build(
         backbone_kwargs.setdefault("channel_groups", channels)
     net = create_backbone(backbone, preset=preset, in_channels=channels, **backbone_kwargs)
     kwargs = dict(head_kwargs or {})
+    # build sets these itself; one given in head_kwargs would be silently overwritten.
+    taken = sorted({"channels", "bins", "in_channels", "feature_groups"} & set(kwargs))
+    if taken:
+        raise ValueError(
+            f"head_kwargs must not set {taken}: build derives them (pass channels= and bins= "
+            f"to build itself), got head_kwargs={dict(head_kwargs or {})}"
+        )
     kwargs.update(channels=channels, bins=bins, in_channels=net.out_channels)
     if net.channel_groups != 1:
         kwargs["feature_groups"] = net.channel_groups

@@ -53,6 +53,12 @@ class _Registry:
         self._entry_points_loaded = False
 
     def register(self, entry: _Entry) -> None:
+        if isinstance(entry.aliases, str):
+            # tuple("ab") would register the one-letter aliases "a" and "b".
+            raise TypeError(
+                f"{self.kind} {entry.name!r}: aliases must be a tuple of strings, "
+                f"got the string {entry.aliases!r}"
+            )
         keys = (entry.name, *entry.aliases)
         if len(set(keys)) != len(keys):
             raise ValueError(
@@ -109,6 +115,11 @@ _HEADS = _Registry("head", "discretelik.heads")
 _BACKBONES = _Registry("backbone", "discretelik.backbones")
 
 
+def _aliases(aliases: Any) -> Any:
+    """``tuple(aliases)``, except that a string is passed through for ``register`` to reject."""
+    return aliases if isinstance(aliases, str) else tuple(aliases)
+
+
 def register_head(name: str, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
     """Class decorator that registers a head under ``name`` (and ``aliases``).
 
@@ -124,7 +135,7 @@ def register_head(name: str, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
     """
 
     def decorator(obj: T) -> T:
-        _HEADS.register(_Entry(name=name, factory=obj, aliases=tuple(aliases)))  # type: ignore[arg-type]
+        _HEADS.register(_Entry(name=name, factory=obj, aliases=_aliases(aliases)))  # type: ignore[arg-type]
         return obj
 
     return decorator
@@ -155,7 +166,7 @@ def register_backbone(
             _Entry(
                 name=name,
                 factory=obj,  # type: ignore[arg-type]
-                aliases=tuple(aliases),
+                aliases=_aliases(aliases),
                 config_class=config,
                 presets=dict(presets or {}),
             )

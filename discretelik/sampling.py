@@ -30,7 +30,12 @@ __all__ = ["sample_raster"]
 
 
 def _image_shape(model: "AutoregressiveModel", image_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in image_shape)
+    if not isinstance(image_shape, (tuple, list, torch.Size)) or any(
+        isinstance(s, bool) or not isinstance(s, int) for s in image_shape
+    ):
+        # int() would silently truncate 4.5 to 4 (and take True as 1).
+        raise TypeError(f"image_shape must be a tuple of ints (H, W) or (C, H, W), got {image_shape!r}")
+    shape = tuple(image_shape)
     if len(shape) == 2:
         shape = (model.channels, *shape)
     if len(shape) != 3 or shape[0] != model.channels or min(shape) < 1:

@@ -1,0 +1,54 @@
+"""Regression tests for defects found in review of the heads, model, sampler and registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import discretelik as dl
+from discretelik.heads.softmax import DiscreteSoftmax
+from discretelik.registry import _BACKBONES, _HEADS, register_backbone, register_head
+
+
+@pytest.fixture
+def isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    for registry in (_HEADS, _BACKBONES):
+        monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+        monkeypatch.setattr(registry, "_aliases", dict(registry._aliases))
+
+
+def test_build_rejects_head_kwargs_that_conflict_with_build_arguments() -> None:
+    # bins/channels given in head_kwargs were silently overwritten by build's own values.
+    with pytest.raises(ValueError, match="head_kwargs"):
+        dl.build("pixelcnn", "softmax", preset="tiny", channels=1, bins=4, head_kwargs={"bins": 16})
+    with pytest.raises(ValueError, match="head_kwargs"):
+        dl.build("pixelcnn", "dlm", preset="tiny", head_kwargs={"channels": 1})
+    with pytest.raises(ValueError, match="head_kwargs"):
+        dl.build("pixelcnn", "dlm", preset="tiny", head_kwargs={"in_channels": 7})
+
+
+def test_float64_model_log_prob_and_sample() -> None:
+    # The image was always scaled to float32, so a model in float64 failed in its first conv.
+    torch.manual_seed(0)
+    model = dl.build("pixelcnn", "dlm", preset="tiny", channels=1, bins=4).double()
+    x = torch.randint(0, 4, (2, 1, 4, 4))
+    lp = model.log_prob(x)
+    assert lp.dtype == torch.float64 and lp.shape == (2,)
+    assert model.sample(1, (2, 2), cached=False).shape == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("shape", [(4.5, 4), (True, 4), (1, 4.0, 4)])
+def test_sample_rejects_non_integer_image_shape(shape: tuple) -> None:
+    # int() silently truncated 4.5 -> 4 (and took True as 1).
+    model = dl.build("pixelcnn", "dlm", preset="tiny", channels=1, bins=4)
+    with pytest.raises(TypeError, match="image_shape"):
+        model.sample(1, shape)
+
+
+def test_register_rejects_a_string_as_aliases(isolated: None) -> None:
+    # aliases="ab" registered the one-letter aliases "a" and "b".
+    with pytest.raises(TypeError, match="aliases"):
+        register_head("fresh_head", aliases="ab")(DiscreteSoftmax)
+    with pytest.raises(TypeError, match="aliases"):
+        register_backbone("fresh_backbone", aliases="ab")(DiscreteSoftmax)
+    assert "a" not in _HEADS._aliases and "a" not in _BACKBONES._aliases
