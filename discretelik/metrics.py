@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 from torch import Tensor
@@ -21,7 +22,12 @@ def bits_per_dim(log_prob: Tensor, event_shape: Sequence[int]) -> Tensor:
     Returns:
         ``-log_prob / (log(2) * prod(event_shape))``, same shape and dtype as ``log_prob``.
     """
-    dims = math.prod(map(int, event_shape))  # no generator: keeps torch.compile graphs whole
+    dims = 1
+    for size in event_shape:  # a plain loop, no generator: keeps torch.compile graphs whole
+        # int() would silently truncate a float size (2.5 -> 2); __index__ takes integers only.
+        if isinstance(size, bool) or not hasattr(type(size), "__index__"):
+            raise TypeError(f"event_shape must hold integer sizes, got {tuple(event_shape)}")
+        dims *= operator.index(size)
     if dims <= 0:
         raise ValueError(f"event_shape must have a positive number of elements, got {tuple(event_shape)}")
     return -log_prob / (math.log(2.0) * dims)

@@ -52,3 +52,10 @@ def test_register_rejects_a_string_as_aliases(isolated: None) -> None:
     with pytest.raises(TypeError, match="aliases"):
         register_backbone("fresh_backbone", aliases="ab")(DiscreteSoftmax)
     assert "a" not in _HEADS._aliases and "a" not in _BACKBONES._aliases
+
+
+@pytest.mark.parametrize("event_shape", [(2.5, 2), (True, 4), (3, 4.0)])
+def test_bits_per_dim_rejects_non_integer_event_shape(event_shape: tuple) -> None:
+    # int() silently truncated 2.5 -> 2, giving a wrong number of dimensions.
+    with pytest.raises(TypeError, match="event_shape"):
+        dl.bits_per_dim(torch.tensor([-10.0]), event_shape)
