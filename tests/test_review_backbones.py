@@ -19,3 +19,16 @@ def test_any_integer_label_dtype_gives_the_int64_features(name: str, dtype: torc
     x = torch.rand(2, 3, 4, 4) * 2 - 1
     label = torch.tensor([1, 3])
     torch.testing.assert_close(net(x, label.to(dtype)), net(x, label))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["pixelcnn", "gated_pixelcnn"])
+def test_causality_checks_accept_a_network_on_the_gpu(name: str) -> None:
+    from discretelik.testing import check_causality, dependency_map, receptive_field
+
+    net = dl.create_backbone(name, preset="tiny", num_classes=3).cuda()
+    cond = torch.tensor([1], device="cuda")
+    check_causality(net, (3, 4, 5), cond=cond)
+    assert not dependency_map(net, (3, 4, 5), (1, 2), cond=cond)[:, :1].any()
+    assert not receptive_field(net, (3, 4, 5), (1, 2), cond=cond)[1:].any()
+    assert next(net.parameters()).device.type == "cuda"  # the checks work on a copy

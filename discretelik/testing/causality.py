@@ -25,6 +25,10 @@ def _as_function(
     from ..model import AutoregressiveModel
 
     net64 = copy.deepcopy(net).double().eval()
+    # The inputs are drawn on the CPU (reproducible for a seed); run them where the network is
+    # and bring the outputs back, so a network on a GPU can be checked as it is.
+    param = next(net64.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
 
     def cast(c: Conditioning) -> Conditioning:
         if isinstance(c, Tensor) and c.is_floating_point():
@@ -47,13 +51,14 @@ def _as_function(
         backbone: Backbone = net64.backbone
 
         def f(x: Tensor) -> Tensor:
-            return net64.head.params(backbone(x, repeat(cond64, x.shape[0])))
+            out = net64.head.params(backbone(x.to(device), repeat(cond64, x.shape[0])))
+            return out.cpu()
 
     elif isinstance(net64, Backbone):
         backbone = net64
 
         def f(x: Tensor) -> Tensor:
-            return backbone(x, repeat(cond64, x.shape[0]))
+            return backbone(x.to(device), repeat(cond64, x.shape[0])).cpu()
 
     else:
         raise TypeError(
