@@ -734,6 +734,7 @@ class Trainer:
         records: list[dict[str, Any]] = []
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         window_steps = 0
+        window_seconds = 0.0  # training time of the window's steps (evaluation etc. left out)
         window_start = time.perf_counter()
         try:
             while self.step < steps:
@@ -742,11 +743,16 @@ class Trainer:
                 window_steps += 1
                 if bar is not None:
                     bar.update(1)
-                if not (due(log_every) or (checkpoint_path and due(checkpoint_every))):
+                if not (
+                    due(log_every)
+                    or (checkpoint_path and due(checkpoint_every))
+                    or (test_images is not None and due(eval_every))
+                    or (sample_dir is not None and due(sample_every) and main)
+                ):
                     continue
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                seconds = time.perf_counter() - window_start
+                window_seconds += time.perf_counter() - window_start
                 record: dict[str, Any] = {"step": self.step}
                 if due(log_every):
                     totals = torch.stack([loss_sum, loss_sum.new_tensor(window_steps)])
@@ -754,10 +760,11 @@ class Trainer:
                     record.update(
                         train_bpd=float(totals[0] / totals[1]),
                         lr=lr,
-                        images_per_s=window_steps * self.global_batch / max(seconds, 1e-9),
+                        images_per_s=window_steps * self.global_batch / max(window_seconds, 1e-9),
                     )
                     loss_sum.zero_()
                     window_steps = 0
+                    window_seconds = 0.0
                 if test_images is not None and due(eval_every):
                     record["test_bpd"] = self.evaluate(
                         test_images, test_labels, batch_size=eval_batch_size

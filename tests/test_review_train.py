@@ -1,0 +1,50 @@
+"""Review findings on discretelik.train, on CPU at tiny sizes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import discretelik as dl
+from discretelik.train import Trainer, TrainConfig
+
+
+def _slow_trainer(monkeypatch: pytest.MonkeyPatch, step_s: float, eval_s: float) -> Trainer:
+    model = dl.build("pixelcnn++", "dlm", preset="tiny", head_kwargs={"mixtures": 2})
+    trainer = Trainer(model, torch.zeros(8, 3, 8, 8, dtype=torch.uint8),
+                      config=TrainConfig(batch_size=4))
+
+    def fake_step() -> torch.Tensor:  # a training step of known duration
+        time.sleep(step_s)
+        trainer.step += 1
+        return torch.zeros((), dtype=torch.float64)
+
+    def fake_eval(*args: object, **kwargs: object) -> float:
+        time.sleep(eval_s)
+        return 0.0
+
+    monkeypatch.setattr(trainer, "train_step", fake_step)
+    monkeypatch.setattr(trainer, "evaluate", fake_eval)
+    return trainer
+
+
+def test_images_per_s_counts_every_training_step_of_the_window(monkeypatch, tmp_path) -> None:
+    # A checkpoint at step 3 falls inside the logging window 1..4: its time must be left out,
+    # but the training time of steps 1..3 must stay in (else images/s reads ~4x too high).
+    step_s = 0.05
+    trainer = _slow_trainer(monkeypatch, step_s, eval_s=0.0)
+    monkeypatch.setattr(trainer, "save", lambda *a, **k: time.sleep(0.2))
+    records = trainer.fit(4, log_every=4, checkpoint_path=tmp_path / "ckpt.pt",
+                          checkpoint_every=3, progress=False, log_fn=lambda s: None)
+    rate = [r for r in records if "images_per_s" in r][-1]["images_per_s"]
+    ideal = trainer.global_batch / step_s  # 80 images/s
+    assert 0.6 * ideal < rate < 1.15 * ideal, (rate, ideal)
+
+
+def test_eval_period_need_not_be_a_multiple_of_the_log_period(monkeypatch) -> None:
+    trainer = _slow_trainer(monkeypatch, 0.0, eval_s=0.0)
+    records = trainer.fit(7, test_images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                          eval_every=3, log_every=4, progress=False, log_fn=lambda s: None)
+    assert [r["step"] for r in records if "test_bpd" in r] == [3, 6, 7]
