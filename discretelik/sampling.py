@@ -125,8 +125,12 @@ def sample_raster(
     device = next(model.parameters()).device
     canvas = torch.zeros((n, *shape), dtype=torch.long, device=device)
     mask = None
+    skip: list[list[bool]] | None = None
     if known is not None:
         image, mask = _check_known(known, n, shape, model.bins)
+        # Pixels known in every image are skipped; read once here, not once per pixel (a
+        # device sync per pixel on a GPU).
+        skip = mask.all(dim=0).tolist()
         mask = mask.to(device)
         canvas = torch.where(mask[:, None], image.to(device).long(), canvas)
     steps = model.backbone.channel_groups  # 1: whole pixels at once; C: one channel at a time
@@ -146,7 +150,7 @@ def sample_raster(
         scaled = model.scale(canvas) if cache is not None else None
         for i in range(shape[1]):
             for j in range(shape[2]):
-                if mask is not None and bool(mask[:, i, j].all()):
+                if skip is not None and skip[i][j]:
                     continue
                 for step in range(steps):
                     if cache is not None:

@@ -59,3 +59,34 @@ def test_bits_per_dim_rejects_non_integer_event_shape(event_shape: tuple) -> Non
     # int() silently truncated 2.5 -> 2, giving a wrong number of dimensions.
     with pytest.raises(TypeError, match="event_shape"):
         dl.bits_per_dim(torch.tensor([-10.0]), event_shape)
+
+
+def test_sampling_with_known_pixels_does_not_sync_per_pixel() -> None:
+    # ``bool(mask[:, i, j].all())`` read the mask once per pixel: a device sync per pixel on a
+    # GPU that even ``set_default_validate_args(False)`` did not turn off.
+    from torch.distributions import Distribution
+    from torch.overrides import TorchFunctionMode
+
+    reads = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__}
+
+    class CountReads(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+            if func in reads:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    model = dl.build("pixelcnn", "dlm", preset="tiny", channels=1, bins=4)
+    image = torch.randint(0, 4, (2, 1, 6, 6))
+    mask = torch.zeros(2, 6, 6, dtype=torch.bool)
+    mask[:, :2] = True
+    default = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        with CountReads() as counter:
+            out = model.sample(2, (6, 6), known=(image, mask), generator=torch.Generator().manual_seed(0))
+    finally:
+        Distribution.set_default_validate_args(default)
+    assert torch.equal(out[:, :, :2], image[:, :, :2])
+    assert counter.n <= 3, f"{counter.n} host reads of tensors for 36 pixels"
