@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import discretelik as dl
-from discretelik.train import Trainer, TrainConfig
+from discretelik.train import Trainer, TrainConfig, load_checkpoint
 
 
 def _slow_trainer(monkeypatch: pytest.MonkeyPatch, step_s: float, eval_s: float) -> Trainer:
@@ -48,3 +48,14 @@ def test_eval_period_need_not_be_a_multiple_of_the_log_period(monkeypatch) -> No
     records = trainer.fit(7, test_images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
                           eval_every=3, log_every=4, progress=False, log_fn=lambda s: None)
     assert [r["step"] for r in records if "test_bpd" in r] == [3, 6, 7]
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b"}q", b"a", b"\x80"])
+def test_malformed_checkpoint_is_a_value_error_naming_the_file(tmp_path, content: bytes) -> None:
+    # load_checkpoint promises ValueError (the script turns it into a one-line error); torch's
+    # weights-only unpickler raises KeyError/IndexError on some garbage.
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="not a loadable checkpoint") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)

@@ -11,7 +11,6 @@ therefore kept to those types (RNG states as uint8 tensors, configs as dicts).
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -64,7 +63,9 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+    # Garbage bytes make torch's weights-only unpickler raise many types (UnpicklingError,
+    # RuntimeError, EOFError, but also KeyError, IndexError, struct.error...).
+    except Exception as exc:
         raise ValueError(
             f"{path}: not a loadable checkpoint with weights_only=True "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
