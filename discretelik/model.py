@@ -87,7 +87,8 @@ class AutoregressiveModel(nn.Module):
         lower precision gets float32, which autocast casts as it needs).
         """
         first = next(self.backbone.parameters(), None)
-        dtype = torch.float64 if first is not None and first.dtype == torch.float64 else torch.float32
+        double = first is not None and first.dtype == torch.float64
+        dtype = torch.float64 if double else torch.float32
         return x.to(dtype) * (2.0 / (self.bins - 1)) - 1.0
 
     def params(self, x: Tensor, cond: Conditioning = None) -> Tensor:
@@ -110,11 +111,14 @@ class AutoregressiveModel(nn.Module):
         return self.head.distribution(self.params(x, cond))
 
     def log_prob(self, x: Tensor, cond: Conditioning = None) -> Tensor:
-        """Log-likelihood (nats) of each image, float32 ``(B,)``."""
+        """Log-likelihood (nats) of each image, float32 ``(B,)`` (float64 for a float64 model)."""
         return self.forward(x, cond).log_prob(x)
 
     def bits_per_dim(self, x: Tensor, cond: Conditioning = None) -> Tensor:
-        """Negative log-likelihood in bits per sub-pixel of each image, float32 ``(B,)``."""
+        """Negative log-likelihood in bits per sub-pixel of each image, float32 ``(B,)``.
+
+        float64 for a float64 model.
+        """
         return bits_per_dim(self.log_prob(x, cond), x.shape[1:])
 
     @torch.no_grad()

@@ -34,7 +34,9 @@ def _image_shape(model: "AutoregressiveModel", image_shape: tuple[int, ...]) -> 
         isinstance(s, bool) or not isinstance(s, int) for s in image_shape
     ):
         # int() would silently truncate 4.5 to 4 (and take True as 1).
-        raise TypeError(f"image_shape must be a tuple of ints (H, W) or (C, H, W), got {image_shape!r}")
+        raise TypeError(
+            f"image_shape must be a tuple of ints (H, W) or (C, H, W), got {image_shape!r}"
+        )
     shape = tuple(image_shape)
     if len(shape) == 2:
         shape = (model.channels, *shape)

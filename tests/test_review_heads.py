@@ -90,3 +90,14 @@ def test_sampling_with_known_pixels_does_not_sync_per_pixel() -> None:
         Distribution.set_default_validate_args(default)
     assert torch.equal(out[:, :, :2], image[:, :, :2])
     assert counter.n <= 3, f"{counter.n} host reads of tensors for 36 pixels"
+
+
+def test_expand_keeps_the_instance_choice_of_log_prob_path() -> None:
+    # The docstring lets one instance choose its path; expand rebuilt it from the class default.
+    from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
+
+    dist = DiscretizedLogisticMixtureDistribution(torch.randn(2, 20, 3, 3), mixtures=2, bins=8)
+    dist.use_fused_log_prob = False
+    assert dist.expand((4, 2)).use_fused_log_prob is False
+    dist.use_fused_log_prob = True
+    assert dist.expand((4, 2)).use_fused_log_prob is True

@@ -16,6 +16,7 @@ likelihood conditions on.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,14 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
     """
 
     use_fused_log_prob: bool | None = None
+
+    def expand(
+        self, batch_shape: Any, _instance: Any = None
+    ) -> "DiscretizedLogisticMixtureDistribution":
+        new = super().expand(batch_shape, _instance)
+        if "use_fused_log_prob" in vars(self):  # a per-instance choice survives expand
+            new.use_fused_log_prob = self.use_fused_log_prob
+        return new  # type: ignore[return-value]
 
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
         # The compiler fuses the eager graph itself and traces plain ops more reliably than a
