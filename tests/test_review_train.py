@@ -59,3 +59,16 @@ def test_malformed_checkpoint_is_a_value_error_naming_the_file(tmp_path, content
     with pytest.raises(ValueError, match="not a loadable checkpoint") as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
+
+
+def test_only_rank_0_prints_log_lines(monkeypatch) -> None:
+    # Under torchrun every rank runs fit(); without a progress bar the summaries went to
+    # log_fn on every rank, so N processes printed every line N times.
+    from discretelik.train import DistInfo
+
+    trainer = _slow_trainer(monkeypatch, 0.0, eval_s=0.0)
+    trainer.dist = DistInfo(rank=1, world_size=1)  # what fit() reads on a non-zero rank
+    lines: list[str] = []
+    records = trainer.fit(2, test_images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+                          log_every=1, progress=False, log_fn=lines.append)
+    assert [r["step"] for r in records] == [1, 2] and lines == []

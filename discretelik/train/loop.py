@@ -707,7 +707,7 @@ class Trainer:
             sample_every: Sample period in steps (0: only at the end).
             num_samples: Images per grid.
             progress: Show a tqdm progress bar on rank 0 (if tqdm is installed).
-            log_fn: Where one-line summaries go when there is no progress bar.
+            log_fn: Where one-line summaries go (rank 0) when there is no progress bar.
 
         Returns:
             The records written during this call.
@@ -781,7 +781,7 @@ class Trainer:
                     records.append(record)
                     if bar is not None and "train_bpd" in record:
                         bar.set_postfix(bpd=f"{record['train_bpd']:.4f}", lr=f"{lr:.2e}")
-                    if "test_bpd" in record or bar is None:
+                    if main and ("test_bpd" in record or bar is None):  # one copy, not N
                         say(_summary(record))
                 if checkpoint_path is not None and due(checkpoint_every):
                     self.save(checkpoint_path, extra=checkpoint_extra)
