@@ -83,12 +83,12 @@ class AutoregressiveModel(nn.Module):
     def scale(self, x: Tensor) -> Tensor:
         """Map integer levels ``(B, C, H, W)`` to ``[-1, 1]`` (level 0 -> -1).
 
-        float32, or float64 when the backbone's parameters are float64 (a model in float32 or
-        lower precision gets float32, which autocast casts as it needs).
+        In the dtype of the backbone's parameters (float32 for a float32 model, also under
+        autocast, which casts as it needs; float64 or bf16 for a model converted to those).
         """
         first = next(self.backbone.parameters(), None)
-        double = first is not None and first.dtype == torch.float64
-        dtype = torch.float64 if double else torch.float32
+        float_params = first is not None and first.is_floating_point()
+        dtype = first.dtype if float_params else torch.float32
         return x.to(dtype) * (2.0 / (self.bins - 1)) - 1.0
 
     def params(self, x: Tensor, cond: Conditioning = None) -> Tensor:

@@ -101,3 +101,11 @@ def test_expand_keeps_the_instance_choice_of_log_prob_path() -> None:
     assert dist.expand((4, 2)).use_fused_log_prob is False
     dist.use_fused_log_prob = True
     assert dist.expand((4, 2)).use_fused_log_prob is True
+
+
+def test_bfloat16_model_log_prob() -> None:
+    # As for float64: a model converted with .to(torch.bfloat16) got a float32 image.
+    torch.manual_seed(0)
+    model = dl.build("pixelcnn", "softmax", preset="tiny", channels=1, bins=4).to(torch.bfloat16)
+    lp = model.log_prob(torch.randint(0, 4, (2, 1, 4, 4)))
+    assert lp.dtype == torch.float32 and lp.shape == (2,) and bool(lp.isfinite().all())
