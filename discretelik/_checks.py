@@ -46,8 +46,8 @@ def check_int(value: object, name: str, minimum: int) -> int:
 def check_integer_dtype(value: Tensor, name: str) -> None:
     if value.dtype not in _INTEGER_DTYPES:
         raise TypeError(
-            f"{name} must be an integer tensor of pixel levels (uint8, int16, int32 or int64), "
-            f"got dtype {value.dtype}"
+            f"{name} must be an integer tensor of pixel levels "
+            f"(uint8, int8, int16, int32 or int64), got dtype {value.dtype}"
         )
 
 

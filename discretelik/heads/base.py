@@ -182,7 +182,7 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
             return self._sample(torch.Size(sample_shape), generator)
 
     def bin_centers(self) -> Tensor:
-        """The ``bins`` level values rescaled to ``[-1, 1]`` (float32, shape ``(bins,)``)."""
+        """The ``bins`` level values rescaled to ``[-1, 1]``: shape ``(bins,)``, params' dtype."""
         return torch.linspace(-1.0, 1.0, self.bins, device=self.params.device, dtype=self.params.dtype)
 
 
