@@ -32,3 +32,15 @@ def test_causality_checks_accept_a_network_on_the_gpu(name: str) -> None:
     assert not dependency_map(net, (3, 4, 5), (1, 2), cond=cond)[:, :1].any()
     assert not receptive_field(net, (3, 4, 5), (1, 2), cond=cond)[1:].any()
     assert next(net.parameters()).device.type == "cuda"  # the checks work on a copy
+
+
+def test_causality_checks_take_any_mapping_as_cond() -> None:
+    # split_cond accepts any Mapping; the checker must cast and repeat it like a dict.
+    from types import MappingProxyType
+
+    from discretelik.testing import check_causality
+
+    torch.manual_seed(0)
+    net = dl.create_backbone("pixelcnn", preset="tiny", num_classes=3, cond_channels=2)
+    cond = MappingProxyType({"label": torch.tensor([1]), "map": torch.randn(1, 2, 2, 3)})
+    check_causality(net, (3, 4, 5), cond=cond)

@@ -8,7 +8,7 @@ dropout is off and round-off cannot hide or fake a dependency.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ def _as_function(
     def cast(c: Conditioning) -> Conditioning:
         if isinstance(c, Tensor) and c.is_floating_point():
             return c.double()
-        if isinstance(c, dict):
+        if isinstance(c, Mapping):
             return {k: cast(v) for k, v in c.items()}  # type: ignore[misc]
         return c
 
@@ -43,7 +43,7 @@ def _as_function(
         if isinstance(c, Tensor):
             reps = [n // c.shape[0]] + [1] * (c.dim() - 1)
             return c.repeat(*reps)
-        if isinstance(c, dict):
+        if isinstance(c, Mapping):
             return {k: repeat(v, n) for k, v in c.items()}  # type: ignore[misc]
         return c
 
