@@ -109,3 +109,13 @@ def test_bfloat16_model_log_prob() -> None:
     model = dl.build("pixelcnn", "softmax", preset="tiny", channels=1, bins=4).to(torch.bfloat16)
     lp = model.log_prob(torch.randint(0, 4, (2, 1, 4, 4)))
     assert lp.dtype == torch.float32 and lp.shape == (2,) and bool(lp.isfinite().all())
+
+
+@pytest.mark.parametrize("name", ["dlm", "gaussian", "softmax"])
+def test_sample_shape_errors_name_the_argument(name: str) -> None:
+    head = dl.create_head(name, channels=1, bins=4)
+    dist = head.distribution(torch.randn(2, head.param_channels, 3, 3))
+    with pytest.raises(TypeError, match="sample_shape"):
+        dist.sample(5)  # an int, not a shape
+    with pytest.raises(ValueError, match="sample_shape"):
+        dist.sample((-1,))

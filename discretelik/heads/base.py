@@ -177,9 +177,21 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
         Returns:
             ``int64`` tensor of shape ``sample_shape + batch_shape + (C, H, W)`` with values in
             ``[0, bins - 1]``.
+
+        Raises:
+            TypeError: ``sample_shape`` is not a shape (e.g. a bare int).
+            ValueError: ``sample_shape`` holds a negative size.
         """
+        try:
+            shape = torch.Size(sample_shape)
+        except TypeError:
+            raise TypeError(
+                f"sample_shape must be a torch.Size or tuple of ints, got {sample_shape!r}"
+            ) from None
+        if any(s < 0 for s in shape):
+            raise ValueError(f"sample_shape must not hold negative sizes, got {tuple(shape)}")
         with torch.no_grad():
-            return self._sample(torch.Size(sample_shape), generator)
+            return self._sample(shape, generator)
 
     def bin_centers(self) -> Tensor:
         """The ``bins`` level values rescaled to ``[-1, 1]``: shape ``(bins,)``, params' dtype."""
