@@ -119,3 +119,15 @@ def test_sample_shape_errors_name_the_argument(name: str) -> None:
         dist.sample(5)  # an int, not a shape
     with pytest.raises(ValueError, match="sample_shape"):
         dist.sample((-1,))
+
+
+def test_sample_generator_errors_name_the_argument() -> None:
+    head = dl.create_head("softmax", channels=1, bins=4)
+    dist = head.distribution(torch.randn(2, 4, 3, 3))
+    with pytest.raises(TypeError, match="generator"):
+        dist.sample(generator=42)
+    # A generator on another device than the parameters (cuda params with a CPU generator in
+    # practice; meta params stand in for them on a CPU-only machine, where it went unnoticed).
+    meta = head.distribution(torch.randn(2, 4, 3, 3, device="meta"), validate_args=False)
+    with pytest.raises(ValueError, match="generator"):
+        meta.sample(generator=torch.Generator())

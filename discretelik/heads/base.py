@@ -179,8 +179,10 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
             ``[0, bins - 1]``.
 
         Raises:
-            TypeError: ``sample_shape`` is not a shape (e.g. a bare int).
-            ValueError: ``sample_shape`` holds a negative size.
+            TypeError: ``sample_shape`` is not a shape (e.g. a bare int), or ``generator`` is
+                not a ``torch.Generator``.
+            ValueError: ``sample_shape`` holds a negative size, or ``generator`` is on another
+                device type than the parameters.
         """
         try:
             shape = torch.Size(sample_shape)
@@ -190,6 +192,16 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
             ) from None
         if any(s < 0 for s in shape):
             raise ValueError(f"sample_shape must not hold negative sizes, got {tuple(shape)}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(
+                    f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+                )
+            if generator.device.type != self.params.device.type:
+                raise ValueError(
+                    f"generator is on {generator.device} but the parameters are on "
+                    f"{self.params.device}; pass torch.Generator(device={str(self.params.device)!r})"
+                )
         with torch.no_grad():
             return self._sample(shape, generator)
 
