@@ -85,7 +85,8 @@ def test_sampling_with_known_pixels_does_not_sync_per_pixel() -> None:
     Distribution.set_default_validate_args(False)
     try:
         with CountReads() as counter:
-            out = model.sample(2, (6, 6), known=(image, mask), generator=torch.Generator().manual_seed(0))
+            gen = torch.Generator().manual_seed(0)
+            out = model.sample(2, (6, 6), known=(image, mask), generator=gen)
     finally:
         Distribution.set_default_validate_args(default)
     assert torch.equal(out[:, :, :2], image[:, :, :2])

@@ -198,9 +198,10 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
                     f"generator must be a torch.Generator or None, got {type(generator).__name__}"
                 )
             if generator.device.type != self.params.device.type:
+                device = str(self.params.device)
                 raise ValueError(
-                    f"generator is on {generator.device} but the parameters are on "
-                    f"{self.params.device}; pass torch.Generator(device={str(self.params.device)!r})"
+                    f"generator is on {generator.device} but the parameters are on {device}; "
+                    f"pass torch.Generator(device={device!r})"
                 )
         with torch.no_grad():
             return self._sample(shape, generator)
