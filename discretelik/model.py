@@ -32,10 +32,18 @@ class AutoregressiveModel(nn.Module):
     Args:
         backbone: A [`Backbone`][discretelik.Backbone] with ``in_channels == head.channels``.
         head: A [`Head`][discretelik.Head] whose ``in_channels`` equals ``backbone.out_channels``.
+
+    Raises:
+        TypeError: ``backbone`` is not a ``Backbone`` or ``head`` not a ``Head``.
+        ValueError: Their channel counts or channel groups do not match.
     """
 
     def __init__(self, backbone: Backbone, head: Head) -> None:
         super().__init__()
+        if not isinstance(backbone, Backbone):
+            raise TypeError(f"backbone must be a discretelik Backbone, got {type(backbone).__name__}")
+        if not isinstance(head, Head):
+            raise TypeError(f"head must be a discretelik Head, got {type(head).__name__}")
         if backbone.in_channels != head.channels:
             raise ValueError(
                 f"backbone.in_channels ({backbone.in_channels}) must equal head.channels "

@@ -132,3 +132,12 @@ def test_sample_generator_errors_name_the_argument() -> None:
     meta = head.distribution(torch.randn(2, 4, 3, 3, device="meta"), validate_args=False)
     with pytest.raises(ValueError, match="generator"):
         meta.sample(generator=torch.Generator())
+
+
+def test_autoregressive_model_rejects_non_backbone_and_non_head() -> None:
+    # A Conv2d has in_channels/out_channels and got as far as an AttributeError.
+    model = dl.build("pixelcnn", "dlm", preset="tiny", channels=1, bins=4)
+    with pytest.raises(TypeError, match="backbone"):
+        dl.AutoregressiveModel(torch.nn.Conv2d(1, model.backbone.out_channels, 1), model.head)
+    with pytest.raises(TypeError, match="head"):
+        dl.AutoregressiveModel(model.backbone, torch.nn.Conv2d(model.backbone.out_channels, 1, 1))
