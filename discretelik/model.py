@@ -41,7 +41,9 @@ class AutoregressiveModel(nn.Module):
     def __init__(self, backbone: Backbone, head: Head) -> None:
         super().__init__()
         if not isinstance(backbone, Backbone):
-            raise TypeError(f"backbone must be a discretelik Backbone, got {type(backbone).__name__}")
+            raise TypeError(
+                f"backbone must be a discretelik Backbone, got {type(backbone).__name__}"
+            )
         if not isinstance(head, Head):
             raise TypeError(f"head must be a discretelik Head, got {type(head).__name__}")
         if backbone.in_channels != head.channels:
