@@ -107,6 +107,8 @@ class _Registry:
         return self._entries[canonical]
 
     def names(self, pattern: str = "*") -> list[str]:
+        if not isinstance(pattern, str):
+            raise TypeError(f"pattern must be a glob string, got {type(pattern).__name__}")
         self._load_entry_points()
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
 

@@ -141,3 +141,13 @@ def test_autoregressive_model_rejects_non_backbone_and_non_head() -> None:
         dl.AutoregressiveModel(torch.nn.Conv2d(1, model.backbone.out_channels, 1), model.head)
     with pytest.raises(TypeError, match="head"):
         dl.AutoregressiveModel(model.backbone, torch.nn.Conv2d(model.backbone.out_channels, 1, 1))
+
+
+def test_build_rejects_head_kwargs_that_is_not_a_mapping() -> None:
+    with pytest.raises(TypeError, match="head_kwargs"):
+        dl.build("pixelcnn", "dlm", preset="tiny", head_kwargs="mixtures=5")  # type: ignore[arg-type]
+
+
+def test_list_rejects_a_non_string_pattern() -> None:
+    with pytest.raises(TypeError, match="pattern"):
+        dl.list_heads(5)  # type: ignore[arg-type]
