@@ -1,7 +1,8 @@
 # Two entry points that work on a fresh machine (CPU, PyPI only):
 #   make demo  - create .venv, install, train a small PixelCNN++ + DLM head on the bundled data
 #   make test  - create .venv, install, run the whole test suite
-# torch is pinned here (the CPU build that our machines hold); pyproject keeps the loose range.
+# torch is pinned here (the version our machines hold, as their +cpu build; from PyPI on Linux
+# this is the CUDA-enabled wheel, which also runs on CPU); pyproject keeps the loose range.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
