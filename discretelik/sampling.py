@@ -15,6 +15,7 @@ draws the same images (``cached=False`` forces the full recomputation).
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,13 +32,13 @@ __all__ = ["sample_raster"]
 
 def _image_shape(model: "AutoregressiveModel", image_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if not isinstance(image_shape, (tuple, list, torch.Size)) or any(
-        isinstance(s, bool) or not isinstance(s, int) for s in image_shape
+        isinstance(s, bool) or not hasattr(type(s), "__index__") for s in image_shape
     ):
-        # int() would silently truncate 4.5 to 4 (and take True as 1).
+        # int() would silently truncate 4.5 to 4 (and take True as 1); __index__ is for integers.
         raise TypeError(
             f"image_shape must be a tuple of ints (H, W) or (C, H, W), got {image_shape!r}"
         )
-    shape = tuple(image_shape)
+    shape = tuple(operator.index(s) for s in image_shape)
     if len(shape) == 2:
         shape = (model.channels, *shape)
     if len(shape) != 3 or shape[0] != model.channels or min(shape) < 1:

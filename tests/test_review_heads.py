@@ -151,3 +151,9 @@ def test_build_rejects_head_kwargs_that_is_not_a_mapping() -> None:
 def test_list_rejects_a_non_string_pattern() -> None:
     with pytest.raises(TypeError, match="pattern"):
         dl.list_heads(5)  # type: ignore[arg-type]
+
+
+def test_sample_accepts_numpy_integer_image_shape() -> None:
+    np = pytest.importorskip("numpy")
+    model = dl.build("pixelcnn", "dlm", preset="tiny", channels=1, bins=4)
+    assert model.sample(1, (np.int64(2), np.int64(3))).shape == (1, 1, 2, 3)
