@@ -114,6 +114,9 @@ COMMON: dict[str, Any] = dict(
     conditional=False, beta1=0.95, beta2=0.9995, grad_clip=None, seed=1, threads=None,
 )
 PAPER_GLOBAL_BATCH = 128
+# Settings that a checkpoint's state (optimiser, scheduler, EMA, batch order) brings back.
+RESTORED_ON_RESUME = ("lr", "lr_decay", "warmup_steps", "beta1", "beta2", "ema_decay",
+                      "ema_warmup", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -273,6 +276,16 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
         if "settings" not in ckpt:
             raise ValueError(f"{path}: not a checkpoint written by this script")
     s = resolve(args, ckpt["settings"] if ckpt else None, cuda, dist.world_size)
+    if ckpt is not None:
+        # The optimiser, scheduler, EMA and batch-order states of the checkpoint bring these
+        # back whatever the flags say: refuse a change rather than ignore it silently.
+        changed = [k for k in RESTORED_ON_RESUME if s[k] != ckpt["settings"].get(k)]
+        if changed:
+            raise ValueError(
+                f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot be changed on "
+                f"resume: the checkpoint's optimiser/EMA state restores "
+                + ", ".join(f"{k}={ckpt['settings'].get(k)!r}" for k in changed)
+            )
     out = Path(args.out or s.get("out") or f"runs/cifar10-{s['recipe']}")
     s["out"] = str(out)
     if s["threads"]:

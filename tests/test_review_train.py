@@ -72,3 +72,34 @@ def test_only_rank_0_prints_log_lines(monkeypatch) -> None:
     records = trainer.fit(2, test_images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
                           log_every=1, progress=False, log_fn=lines.append)
     assert [r["step"] for r in records] == [1, 2] and lines == []
+
+
+def test_script_resume_refuses_optimiser_flags_it_would_ignore(tmp_path) -> None:
+    # The optimiser, scheduler and EMA states restore lr, decay, betas and the EMA decay from
+    # the checkpoint, so a changed --lr on resume was silently ignored (while settings.json
+    # recorded the new value). It must be refused instead.
+    import importlib.util
+
+    import numpy as np
+
+    from discretelik.data import load_bundled
+    from discretelik.train import read_metrics
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_cifar10_review",
+                                                  root / "examples" / "train_cifar10.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    x, y = load_bundled("cifar10", "train")
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x_train=x[:16].permute(0, 2, 3, 1).numpy(), y_train=y[:16].numpy(),
+             x_test=x[:4].permute(0, 2, 3, 1).numpy(), y_test=y[:4].numpy())
+    out = tmp_path / "run"
+    args = ["--data", str(data), "--recipe", "demo", "--device", "cpu", "--no-progress",
+            "--out", str(out), "--batch-size", "8", "--init-batch-size", "8",
+            "--eval-batch-size", "8", "--log-every", "1", "--samples", "0"]
+    script.main([*args, "--steps", "2"])
+    with pytest.raises(ValueError, match=r"--lr.*--ema-decay|cannot be changed on resume"):
+        script.main([*args, "--steps", "3", "--resume", "--lr", "0.5", "--ema-decay", "0.5"])
+    script.main([*args, "--steps", "3", "--resume", "--lr", "0.005"])  # the same value is fine
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
