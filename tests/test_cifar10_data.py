@@ -231,3 +231,31 @@ def test_pickled_numpy_labels_and_arrays_still_load(tmp_path: Path, protocol: in
                                    "first": np.int64(2)}, protocol=protocol))
     images, labels = read_cifar10_pickle(path)
     assert torch.equal(images, _nchw(x)) and labels.tolist() == [0, 1, 2]
+
+
+def test_python2_cpickle_bytes_load(tmp_path: Path) -> None:
+    # The exact opcodes Python 2's cPickle wrote for the official batches: str (not bytes)
+    # arguments and raw data, numpy.dtype('u1', 0, 1) with its BUILD state, and a
+    # numpy.core.multiarray._reconstruct array (the dtype checks must keep this working).
+    import struct
+
+    raw = (np.arange(2 * 3072) % 251).astype(np.uint8).tobytes()
+
+    def sbs(s: bytes) -> bytes:
+        return b"U" + bytes([len(s)]) + s
+
+    def binint(i: int) -> bytes:
+        return b"J" + struct.pack("<i", i)
+
+    p = b"\x80\x02}(" + sbs(b"data")
+    p += b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + b"K\x00\x85"
+    p += sbs(b"b") + b"\x87R"
+    p += b"(K\x01K\x02M\x00\x0c\x86" + b"cnumpy\ndtype\n" + sbs(b"u1") + b"K\x00K\x01\x87R"
+    p += b"(K\x03" + sbs(b"|") + b"NNN" + binint(-1) + binint(-1) + b"K\x00tb"
+    p += b"\x89" + b"T" + struct.pack("<i", len(raw)) + raw + b"tb"
+    p += sbs(b"labels") + b"](K\x03K\x09e" + b"u."
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(p)
+    images, labels = read_cifar10_pickle(path)
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [3, 9]
+    assert images.flatten().numpy().tobytes() == raw
