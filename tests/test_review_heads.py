@@ -145,7 +145,7 @@ def test_autoregressive_model_rejects_non_backbone_and_non_head() -> None:
 
 def test_build_rejects_head_kwargs_that_is_not_a_mapping() -> None:
     with pytest.raises(TypeError, match="head_kwargs"):
-        dl.build("pixelcnn", "dlm", preset="tiny", head_kwargs="mixtures=5")  # type: ignore[arg-type]
+        dl.build("pixelcnn", "dlm", preset="tiny", head_kwargs="k=5")  # type: ignore[arg-type]
 
 
 def test_list_rejects_a_non_string_pattern() -> None:
@@ -157,3 +157,19 @@ def test_sample_accepts_numpy_integer_image_shape() -> None:
     np = pytest.importorskip("numpy")
     model = dl.build("pixelcnn", "dlm", preset="tiny", channels=1, bins=4)
     assert model.sample(1, (np.int64(2), np.int64(3))).shape == (1, 1, 2, 3)
+
+
+@pytest.mark.parametrize("name", ["dlm", "gaussian"])
+def test_min_log_scale_that_overflows_float32_is_rejected(name: str) -> None:
+    # Below about -88, exp(-log_scale) is inf in float32 and a bin edge at the location gives
+    # 0 * inf = nan; the option was accepted and every log-prob and mean came out nan.
+    with pytest.raises(ValueError, match="min_log_scale"):
+        dl.create_head(name, channels=1, mixtures=1, min_log_scale=-100.0)
+    head = dl.create_head(
+        name, channels=1, mixtures=1, bins=256, coupling=False, min_log_scale=-60.0
+    )
+    params = torch.zeros(1, 3, 1, 1)
+    params[:, 2] = -100.0  # clamped to -60
+    dist = head.distribution(params)
+    assert bool(dist.log_prob(torch.full((1, 1, 1, 1), 128)).isfinite().all())
+    assert bool(dist.mean.isfinite().all())

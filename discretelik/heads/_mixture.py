@@ -39,6 +39,9 @@ _MAX_ENUMERATION = 2**16
 # nonzero standardised draw (|z| >= 1e-16 for float64 uniforms) past the edge bins, so clamping
 # changes no outcome but keeps ``scale * z`` from becoming ``inf * 0 = nan`` when z == 0.
 _MAX_DRAW_LOG_SCALE = 80.0
+# Lowest accepted ``min_log_scale``: the inverse scale exp(80) ~ 5.5e34 is finite in float32 with
+# room for the standardised edges; a bin of width 2 / 65535 is already e^-10 wide.
+_MIN_LOG_SCALE_BOUND = -80.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,13 @@ def check_mixture_args(mixtures: object, coupling: object, min_log_scale: object
         raise TypeError(f"min_log_scale must be a float, got {min_log_scale!r}")
     if not math.isfinite(min_log_scale):
         raise ValueError(f"min_log_scale must be finite, got {min_log_scale}")
+    if min_log_scale < _MIN_LOG_SCALE_BOUND:
+        # exp(-log_scale) would overflow float32 (at about -88.7) and turn every bin edge at
+        # the location into 0 * inf = nan.
+        raise ValueError(
+            f"min_log_scale must be >= {_MIN_LOG_SCALE_BOUND} (exp(-min_log_scale) must stay "
+            f"finite in float32), got {min_log_scale}"
+        )
     return float(min_log_scale)
 
 
@@ -151,7 +161,7 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         mixtures: Components ``K``.
         bins: Levels per sub-pixel.
         coupling: Linear coupling of a channel's location on the earlier channels.
-        min_log_scale: Lower clamp of the log-scales (part of the model definition).
+        min_log_scale: Lower clamp of the log-scales (part of the model definition), ``>= -80``.
         validate_args: As in ``torch.distributions``.
     """
 
@@ -440,7 +450,7 @@ class MixtureHead(Head):
         bins: Levels per sub-pixel.
         coupling: Linear coupling of each channel's location on the earlier channels.
         in_channels: Feature channels of the 1x1 projection, or ``None`` for raw parameters.
-        min_log_scale: Lower clamp of the log-scales.
+        min_log_scale: Lower clamp of the log-scales, ``>= -80``.
         feature_groups: Must be 1 (the channels of a pixel share the mixture component).
     """
 

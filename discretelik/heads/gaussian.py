@@ -145,7 +145,9 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
 
     !!! note "Numerics"
         Everything is in log space and finite, with finite gradients, for any finite
-        parameters. $\log\Phi$ is computed as $\log(\mathrm{erfcx}(-u/\sqrt2)/2) - u^2/2$ on the
+        parameters whose log-mass is representable: beyond standardised edges of about
+        $\pm 2.6 \cdot 10^{19}$ (float32) $-u^2/2$ itself overflows to $-\infty$.
+        $\log\Phi$ is computed as $\log(\mathrm{erfcx}(-u/\sqrt2)/2) - u^2/2$ on the
         left, which also keeps its gradient exact far in the tail. A middle bin is reflected to
         the left half ($\Phi(a) - \Phi(b) = \Phi(-b) - \Phi(-a)$), then computed either by a
         midpoint series in $h = \delta/s$ (narrow bins, including near-flat components whose
@@ -159,7 +161,7 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
         mixtures: Components ``K``.
         bins: Levels per sub-pixel (``>= 2``).
         coupling: Couple each channel's location on the earlier channels of the pixel.
-        min_log_scale: Lower clamp $\ell_{\min}$ of the log-stds.
+        min_log_scale: Lower clamp $\ell_{\min}$ of the log-stds (``>= -80``).
         validate_args: As in ``torch.distributions``.
 
     Raises:
@@ -232,7 +234,7 @@ class DiscretizedGaussian(MixtureHead):
         coupling: Couple each channel's location linearly on the earlier channels of the pixel.
         in_channels: Feature channels ``F`` of the 1x1 projection, or ``None`` when the input
             already is the raw parameters ``(B, param_channels, H, W)``.
-        min_log_scale: Lower clamp of the log-stds.
+        min_log_scale: Lower clamp of the log-stds (``>= -80``).
         feature_groups: Must be 1: the channels of a pixel share one mixture component, so
             the head cannot read per-channel feature blocks.
 

@@ -130,7 +130,7 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
         mixtures: Components ``K``.
         bins: Levels per sub-pixel (``>= 2``).
         coupling: Couple each channel's location on the earlier channels of the pixel.
-        min_log_scale: Lower clamp $\ell_{\min}$ of the log-scales.
+        min_log_scale: Lower clamp $\ell_{\min}$ of the log-scales (``>= -80``).
         validate_args: As in ``torch.distributions``.
 
     Raises:
@@ -216,7 +216,7 @@ class DiscretizedLogisticMixture(MixtureHead):
         coupling: Couple each channel's location linearly on the earlier channels of the pixel.
         in_channels: Feature channels ``F`` of the 1x1 projection, or ``None`` when the input
             already is the raw parameters ``(B, param_channels, H, W)``.
-        min_log_scale: Lower clamp of the log-scales (openai/pixel-cnn uses ``-7``).
+        min_log_scale: Lower clamp of the log-scales (openai/pixel-cnn uses ``-7``; ``>= -80``).
         feature_groups: Must be 1: the channels of a pixel share one mixture component, so
             the head cannot read per-channel feature blocks.
 
