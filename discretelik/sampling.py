@@ -117,7 +117,8 @@ def sample_raster(
         ``int64`` images ``(n, C, H, W)`` with levels in ``[0, bins - 1]``.
 
     Raises:
-        TypeError: ``cached`` is not ``None`` or a bool.
+        TypeError: ``cached`` is not ``None`` or a bool, or ``image_shape`` holds a
+            non-integer size.
         ValueError: ``cached=True`` but the backbone has no ``sampling_cache`` or orders
             channel groups.
     """
