@@ -449,9 +449,7 @@ class PixelCNNPPCache(SamplingCache):
             )
         h, w = _check_image_shape(image_shape, net.size_multiple, type(net).__name__)
         super().__init__(n, net.in_channels, h, w)
-        label, _ = net.split_cond(cond, n)
-        if label is not None:
-            label = label.long()
+        label, _ = net.split_cond(cond, n)  # int64 already (split_cond)
         like = next(net.parameters()).detach()
         f, nr = net.config.nr_filters, net.config.nr_resnet
         self.filters = f

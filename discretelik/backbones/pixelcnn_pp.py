@@ -295,9 +295,7 @@ class PixelCNNPP(Backbone):
                 missing, unexpected or of the wrong shape or range.
         """
         self.check_input(x)
-        label, _ = self.split_cond(cond, x.shape[0])
-        if label is not None:
-            label = label.long()
+        label, _ = self.split_cond(cond, x.shape[0])  # int64 already (split_cond)
         b, _, h, w = x.shape
         # The ones channel tells the network where the image is: zero padding has 0 there.
         x_pad = torch.cat([x, x.new_ones(b, 1, h, w)], dim=1)
