@@ -1,9 +1,15 @@
 """Reusable training pieces: batches, loss, train step, EMA, checkpoints, evaluation, PNG grids.
 
-The CIFAR-10 reference run (``examples/train_cifar10.py``) is a thin script over these.
+The CIFAR-10 reference run (``examples/train_cifar10.py``) is a thin script over these. One
+module per job: ``batches`` (random index batches per rank), ``step`` (the loss module and one
+optimisation step), ``schedule`` (learning-rate decay), ``precision`` (autocast, true float32),
+``evaluation`` (bits/dim over a split), ``config`` and ``trainer`` (the trainer and its
+settings), ``ema``, ``checkpoint``, ``metrics``, ``images`` and ``distributed``.
 """
 
+from .batches import RandomBatches
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .config import TrainConfig
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -13,19 +19,13 @@ from .distributed import (
     init_distributed,
 )
 from .ema import EMA
+from .evaluation import evaluate_bpd
 from .images import encode_png, image_grid, save_image_grid, write_png
-from .loop import (
-    ExponentialDecay,
-    LikelihoodLoss,
-    RandomBatches,
-    TrainConfig,
-    Trainer,
-    autocast_context,
-    evaluate_bpd,
-    full_float32,
-    train_step,
-)
 from .metrics import MetricsLog, read_metrics
+from .precision import autocast_context, full_float32
+from .schedule import ExponentialDecay
+from .step import LikelihoodLoss, train_step
+from .trainer import Trainer
 
 __all__ = [
     "DistInfo",
