@@ -290,18 +290,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_gloo_processes_match_one_process(script, tiny_npz: Path, tmp_path: Path) -> None:
-    common = ["--steps", "2", "--dropout", "0"]  # no dropout: ranks draw different masks
-    script.main(base_args(tiny_npz, tmp_path / "one", *common))
+def _run_two_gloo_processes(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``script args`` under ``torch.distributed.run`` with two gloo processes on 127.0.0.1."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     if Path("/sys/class/net/lo").exists():
         env["GLOO_SOCKET_IFNAME"] = "lo"  # never look for a network interface
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0",
            "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           str(SCRIPT), *base_args(tiny_npz, tmp_path / "two", *common)]
+           str(script), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_ddp_two_gloo_processes_match_one_process(script, tiny_npz: Path, tmp_path: Path) -> None:
+    common = ["--steps", "2", "--dropout", "0"]  # no dropout: ranks draw different masks
+    script.main(base_args(tiny_npz, tmp_path / "one", *common))
+    args = base_args(tiny_npz, tmp_path / "two", *common)
     # Half the batch per process: the same global batch of 8 as the single process.
-    cmd[cmd.index("--batch-size") + 1] = "4"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    args[args.index("--batch-size") + 1] = "4"
+    proc = _run_two_gloo_processes(SCRIPT, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = train_bpds(tmp_path / "one"), train_bpds(tmp_path / "two")
     assert len(one) == len(two) == 2
@@ -309,6 +315,54 @@ def test_ddp_two_gloo_processes_match_one_process(script, tiny_npz: Path, tmp_pa
     assert two[1] == pytest.approx(one[1], rel=1e-5)  # gradients were averaged over ranks
     settings = json.loads((tmp_path / "two" / "settings.json").read_text())
     assert settings["batch_size"] == 4
+
+
+# Run by both ranks: rank 0 writes the checkpoint through a torch.save slowed down by 2 s (a
+# slow disk), rank 1 looks for the file as soon as save() returns. The final checkpoint of a
+# run is the case that matters: a rank that exits, or resumes from the path, before rank 0 has
+# renamed the file into place finds nothing.
+SAVE_ON_TWO_RANKS = """
+import sys, time
+from pathlib import Path
+
+import torch
+
+import discretelik as dl
+from discretelik.train import Trainer, TrainConfig, cleanup_distributed, init_distributed, load_checkpoint
+
+dist = init_distributed("cpu")
+path = Path(sys.argv[1])
+if dist.is_main:
+    unslowed_save = torch.save
+
+    def slow_save(*args, **kwargs):
+        time.sleep(2.0)
+        unslowed_save(*args, **kwargs)
+
+    torch.save = slow_save
+torch.manual_seed(0)
+model = dl.build("pixelcnn++", "dlm", preset="tiny", head_kwargs={"mixtures": 2})
+trainer = Trainer(model, torch.zeros(8, 3, 8, 8, dtype=torch.uint8),
+                  config=TrainConfig(batch_size=4), dist=dist)
+trainer.save(path)
+present = path.is_file()
+if present:
+    assert load_checkpoint(path)["step"] == 0  # the complete file, loadable from any rank
+print(f"rank {dist.rank}: checkpoint present when save() returned: {present}", flush=True)
+cleanup_distributed()
+sys.exit(0 if present else 1)
+"""
+
+
+def test_save_returns_on_every_rank_only_once_the_checkpoint_is_written(tmp_path: Path) -> None:
+    # Checked to fail without the barrier in Trainer.save: with that line removed, rank 1
+    # printed "present when save() returned: False" and the run exited non-zero.
+    child = tmp_path / "save_on_two_ranks.py"
+    child.write_text(SAVE_ON_TWO_RANKS)
+    proc = _run_two_gloo_processes(child, str(tmp_path / "ckpt.pt"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: checkpoint present when save() returned: True" in proc.stdout
 
 
 def test_script_wrong_data_path_is_a_clear_error(script, tmp_path: Path) -> None:

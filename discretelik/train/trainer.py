@@ -23,7 +23,7 @@ from ._inputs import check_images, check_labels
 from .batches import RandomBatches
 from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .config import TrainConfig
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from .ema import EMA
 from .evaluation import evaluate_bpd
 from .images import save_image_grid
@@ -280,15 +280,24 @@ class Trainer:
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
         """Write a checkpoint atomically (rank 0 writes; every rank must call it under DDP).
 
+        Under DDP every rank returns only once rank 0's file is complete on disk, so any rank
+        may read it (or exit, or resume from it) right after this call.
+
         Args:
             path: Destination file.
             extra: More plain entries to store (e.g. how to rebuild the model).
+
+        Returns:
+            ``path`` as a ``Path``.
         """
         state = self.state_dict()
         if extra:
             state.update(extra)
         if self.dist.is_main:
             save_checkpoint(state, path)
+        # The other ranks would otherwise run ahead while rank 0 is still writing: an exit or a
+        # resume right after save() could then miss the file (no-op in a single process).
+        barrier()
         return Path(path)
 
     def resume(self, path: str | Path) -> dict[str, Any]:
