@@ -41,7 +41,7 @@ def dist(params, channels, mixtures, bins, coupling, fused, **kw):
     d = DiscretizedLogisticMixtureDistribution(
         params, channels=channels, mixtures=mixtures, bins=bins, coupling=coupling, **kw
     )
-    d.use_fused_log_prob = fused
+    d.log_prob_backend = "lean" if fused else "eager"
     return d
 
 
@@ -158,7 +158,7 @@ def test_head_defaults_to_the_fused_path() -> None:
     fused = head.distribution(params).log_prob(x)
     assert "FusedDLMLogProb" in type(fused.grad_fn.next_functions[0][0]).__name__
     eager_dist = head.distribution(params)
-    eager_dist.use_fused_log_prob = False
+    eager_dist.log_prob_backend = "eager"
     eager = eager_dist.log_prob(x)
     torch.testing.assert_close(fused, eager)
     # bf16 parameters are promoted to float32 on both paths.

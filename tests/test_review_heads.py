@@ -98,10 +98,10 @@ def test_expand_keeps_the_instance_choice_of_log_prob_path() -> None:
     from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
 
     dist = DiscretizedLogisticMixtureDistribution(torch.randn(2, 20, 3, 3), mixtures=2, bins=8)
-    dist.use_fused_log_prob = False
-    assert dist.expand((4, 2)).use_fused_log_prob is False
-    dist.use_fused_log_prob = True
-    assert dist.expand((4, 2)).use_fused_log_prob is True
+    dist.log_prob_backend = "eager"
+    assert dist.expand((4, 2)).log_prob_backend == "eager"
+    dist.log_prob_backend = "lean"
+    assert dist.expand((4, 2)).log_prob_backend == "lean"
 
 
 def test_bfloat16_model_log_prob() -> None:

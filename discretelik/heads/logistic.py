@@ -25,6 +25,7 @@ from torch import Tensor
 from ..registry import register_head
 from ._fused_dlm import fused_elementwise_log_prob
 from ._mixture import LocationScaleMixtureDistribution, MixtureHead
+from ._triton_dlm import triton_elementwise_log_prob, use_triton
 
 __all__ = ["DiscretizedLogisticMixture", "DiscretizedLogisticMixtureDistribution"]
 
@@ -34,6 +35,7 @@ _TINY_LOG_HALF_WIDTH = -20.0
 # Bins whose lower edge is further than this into the right tail (standardised) use the sinh
 # form even when wide: log sigmoid of the edges would underflow to 0 a little further out.
 _FAR_TAIL = 40.0
+_BACKENDS = (None, "eager", "lean", "triton")
 
 
 def _log_cosh(y: Tensor) -> Tensor:
@@ -138,32 +140,53 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
         ValueError: ``params`` without ``P`` channels, or an out-of-range option.
 
     Attributes:
-        use_fused_log_prob: ``True``: ``log_prob`` runs the memory-lean single autograd
-            node of ``discretelik.heads._fused_dlm``, which loops over the components and
-            keeps no ``K``-fold temporaries; ``False``: the eager reference path (all
-            components at once, plain autograd, twice differentiable); ``None`` (default):
-            the lean path for CPU tensors, the eager path elsewhere (on a GPU the lean path's
-            many small kernels would be launch-bound). Set it on the class or on one instance.
-            Under ``torch.compile`` the eager path is always used.
+        log_prob_backend: Which implementation computes ``log_prob`` (all give the same values
+            and gradients up to rounding; set it on the class or on one instance):
+
+            - ``"eager"``: the reference path, all components at once with plain autograd;
+              twice differentiable, but it builds and saves many
+              ``batch_shape + (K, C, H, W)`` temporaries;
+            - ``"lean"``: one autograd node (``discretelik.heads._fused_dlm``) that loops over
+              the components and keeps no ``K``-fold temporaries (any device, float32/64);
+            - ``"triton"``: two Triton kernels (``discretelik.heads._triton_dlm``) with the
+              lean path's math, one GPU program per block of pixels; float32 on CUDA, levels
+              without sample dimensions;
+            - ``None`` (default): ``"triton"`` on CUDA where it applies and Triton is
+              installed, else ``"lean"`` on CPU and ``"eager"`` elsewhere (on a GPU the lean
+              path's many small kernels would be launch-bound). Under ``torch.compile`` the
+              eager path is always used.
+
+            The lean and Triton paths are not twice differentiable.
     """
 
-    use_fused_log_prob: bool | None = None
+    log_prob_backend: str | None = None
 
     def expand(
         self, batch_shape: Any, _instance: Any = None
     ) -> "DiscretizedLogisticMixtureDistribution":
         new = super().expand(batch_shape, _instance)
-        if "use_fused_log_prob" in vars(self):  # a per-instance choice survives expand
-            new.use_fused_log_prob = self.use_fused_log_prob
+        if "log_prob_backend" in vars(self):  # a per-instance choice survives expand
+            new.log_prob_backend = self.log_prob_backend
         return new  # type: ignore[return-value]
 
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
+        backend = self.log_prob_backend
+        if backend not in _BACKENDS:
+            raise ValueError(f"log_prob_backend must be one of {_BACKENDS}, got {backend!r}")
         # The compiler fuses the eager graph itself and traces plain ops more reliably than a
-        # custom autograd.Function with a Python loop.
-        fused = self.use_fused_log_prob
-        if fused is None:
-            fused = self.params.device.type == "cpu"
-        if fused and not torch.compiler.is_compiling():
+        # custom autograd.Function with a Python loop or a Triton launch.
+        if torch.compiler.is_compiling():
+            backend = "eager"
+        elif backend is None:
+            if self.params.device.type == "cuda" and use_triton(self.params, value):
+                backend = "triton"
+            else:
+                backend = "lean" if self.params.device.type == "cpu" else "eager"
+        if backend == "triton":
+            return triton_elementwise_log_prob(
+                self.params, value, self.layout, self.bins, self.min_log_scale
+            )
+        if backend == "lean":
             return fused_elementwise_log_prob(
                 self.params, value, self.layout, self.bins, self.min_log_scale
             )

@@ -1,0 +1,189 @@
+r"""The discretized logistic mixture log-likelihood as two Triton kernels (CUDA).
+
+One autograd node, like the lean PyTorch path (:mod:`discretelik.heads._fused_dlm`), whose
+math and branch points it shares; the difference is where the loop over components runs:
+here inside one GPU program per block of pixels, so the component log-masses never leave
+registers. What it allocates:
+
+* forward: the result and the per-channel maximum ``top`` (``B x C x H x W`` float32 each);
+  autograd saves the raw parameters, the levels and ``top``;
+* backward: the gradient ``B x P x H x W`` (every channel written by the kernel) and nothing
+  else.
+
+Scope: float32 parameters ``(B, P, H, W)`` and levels ``(B, C, H, W)`` with no leading
+``sample_shape``; ``use_triton(params, value)`` says whether a call qualifies, and the head
+falls back to the PyTorch paths otherwise. Not twice differentiable.
+
+The kernels also run in Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1`` is set
+before Triton is first imported; the test suite checks them that way on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._mixture import MixtureLayout
+
+__all__ = ["triton_available", "use_triton", "triton_elementwise_log_prob"]
+
+# Pixels per program. 128 keeps the (BLOCK, 4) float32 tiles of RGB in registers with 4 warps.
+_BLOCK = 128
+_NUM_WARPS = 4
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton can be imported (it ships with CUDA builds of PyTorch on Linux)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(params: Tensor, value: Tensor) -> bool:
+    """Whether the Triton kernels can compute this call.
+
+    True for float32 ``params`` on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``)
+    with levels of the batch shape (no leading ``sample_shape``), when Triton is importable.
+    """
+    on_device = params.device.type == "cuda" or (params.device.type == "cpu" and _interpreting())
+    return (
+        on_device
+        and params.dtype == torch.float32
+        and value.dim() == params.dim()
+        and params.dim() >= 3
+        and triton_available()
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels() -> Any:
+    from . import _triton_dlm_kernels  # imports triton
+
+    return _triton_dlm_kernels
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _offset_table(layout: MixtureLayout, device: torch.device) -> Tensor:
+    """int32 ``(2 CP + CP * CP,)``: first parameter channel of every location, log-scale and
+    coupling block (see the kernel module's docstring), ``-1`` for absent blocks."""
+    cp = _next_power_of_2(layout.channels)
+    loc, log_scale, coeff = layout._block_starts()
+    table = [-1] * (2 * cp + cp * cp)
+    for c in range(layout.channels):
+        table[c] = loc[c]
+        table[cp + c] = log_scale[c]
+    if layout.coupling:
+        pairs = [(c, j) for c in range(1, layout.channels) for j in range(c)]  # block order
+        for block, (c, j) in enumerate(pairs):
+            table[2 * cp + c * cp + j] = coeff[block]
+    return torch.tensor(table, dtype=torch.int32, device=device)
+
+
+def triton_elementwise_log_prob(
+    params: Tensor, value: Tensor, layout: MixtureLayout, bins: int, min_log_scale: float
+) -> Tensor:
+    """``log p(x_c | x_<c)`` of every sub-pixel, by the Triton kernels.
+
+    Same values (to float32 rounding) and gradients as the eager
+    ``DiscretizedLogisticMixtureDistribution.elementwise_log_prob``.
+
+    Args:
+        params: float32 raw parameters ``batch_shape + (P, H, W)`` in ``layout`` (any strides;
+            made contiguous).
+        value: integer levels in ``[0, bins - 1]``, ``batch_shape + (C, H, W)`` (validated by
+            the caller).
+        layout: The parameter layout (channels, mixtures, coupling).
+        bins: Levels per sub-pixel.
+        min_log_scale: Lower clamp of the log-scales.
+
+    Returns:
+        float32 tensor of ``value``'s shape.
+
+    Raises:
+        ValueError: ``params``/``value`` outside the kernels' scope (see ``use_triton``).
+    """
+    if not use_triton(params, value):
+        raise ValueError(
+            "triton_elementwise_log_prob needs float32 params on a CUDA device (or CPU under "
+            "TRITON_INTERPRET=1), levels without sample dimensions and an importable triton; "
+            f"got params {params.dtype} {tuple(params.shape)} on {params.device}, value "
+            f"{tuple(value.shape)}, triton {'found' if triton_available() else 'missing'}"
+        )
+    return _TritonDLMLogProb.apply(params, value, layout, bins, min_log_scale)
+
+
+def _launch_args(params: Tensor, layout: MixtureLayout) -> tuple[tuple[int, ...], dict, int]:
+    """Grid, compile-time constants and pixel count for ``params`` ``batch + (P, H, W)``."""
+    h, w = params.shape[-2:]
+    n_pixels = params[..., 0, :, :].numel()
+    grid = (max(1, -(-n_pixels // _BLOCK)),)
+    constants = dict(
+        C=layout.channels,
+        CP=_next_power_of_2(layout.channels),
+        K=layout.mixtures,
+        KP=_next_power_of_2(layout.mixtures),
+        COUPLING=layout.coupling and layout.channels > 1,
+        BLOCK=_BLOCK,
+    )
+    if not _interpreting():
+        constants["num_warps"] = _NUM_WARPS
+    return grid, constants, n_pixels
+
+
+class _TritonDLMLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        params: Tensor,
+        value: Tensor,
+        layout: MixtureLayout,
+        bins: int,
+        min_log_scale: float,
+    ) -> Tensor:
+        params = params.contiguous()
+        value = value.contiguous()
+        kernels = _kernels()
+        table = _offset_table(layout, params.device)
+        out = torch.empty(value.shape, dtype=torch.float32, device=params.device)
+        top = torch.empty_like(out)
+        grid, constants, n_pixels = _launch_args(params, layout)
+        hw = params.shape[-1] * params.shape[-2]
+        if n_pixels > 0:
+            kernels.dlm_forward_kernel[grid](
+                params, value, table, out, top,
+                n_pixels, hw, params.shape[-3], float(bins - 1), float(min_log_scale),
+                **constants,
+            )  # fmt: skip
+        ctx.save_for_backward(params, value, table, top)
+        ctx.layout, ctx.bins, ctx.min_log_scale = layout, bins, min_log_scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        params, value, table, top = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad = grad.contiguous()
+        out = torch.empty_like(params)
+        grid, constants, n_pixels = _launch_args(params, ctx.layout)
+        hw = params.shape[-1] * params.shape[-2]
+        if n_pixels > 0:
+            _kernels().dlm_backward_kernel[grid](
+                params, value, table, top, grad, out,
+                n_pixels, hw, params.shape[-3], float(ctx.bins - 1), float(ctx.min_log_scale),
+                **constants,
+            )  # fmt: skip
+        return out, None, None, None, None
