@@ -10,11 +10,14 @@ gradient with respect to the raw parameters ``(B, P, H, W)``:
   log-CDFs, the middle-bin mass with its density fallback, ...) built by plain autograd ops,
   then a log-sum-exp over the ``K`` components;
 * ``eager DLM head``: ``DiscretizedLogisticMixtureDistribution.log_prob`` on its eager
-  reference path (``use_fused_log_prob = False``): stable log-space bin masses of all
+  reference path (``log_prob_backend = "eager"``): stable log-space bin masses of all
   ``(K, C)`` component-channel pairs at once, plain autograd;
-* ``lean DLM head``: the default path, ``discretelik.heads._fused_dlm``: one autograd node that
-  saves only the raw parameters, the levels and one ``(B, C, H, W)`` tensor, and loops over
-  the components in forward and (recomputing the bin masses) twice in backward.
+* ``lean DLM head``: the default path on CPU, ``discretelik.heads._fused_dlm``: one autograd
+  node that saves only the raw parameters, the levels and one ``(B, C, H, W)`` tensor, and
+  loops over the components in forward and (recomputing the bin masses) twice in backward;
+* ``triton DLM head`` (CUDA only): the default path on CUDA, ``discretelik.heads._triton_dlm``:
+  the lean path's math as two Triton kernels, one program per block of pixels, the component
+  loop in registers. Skipped (with a note) on CPU, where Triton would only interpret it.
 
 Every implementation runs in a fresh subprocess (so that nothing one leaves in the allocator
 caches is credited to the next), on the same seeded parameters and levels, once as a warm-up
@@ -90,7 +93,8 @@ from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
 
 K, C, SIZE, BINS = 10, 3, 32, 256
 P = K * (1 + 2 * C + C * (C - 1) // 2)  # 100 raw parameter channels (openai's 10 K)
-IMPLS = ["port-style (baseline)", "eager DLM head", "lean DLM head"]
+IMPLS = ["port-style (baseline)", "eager DLM head", "lean DLM head", "triton DLM head"]
+BACKENDS = {"eager DLM head": "eager", "lean DLM head": "lean", "triton DLM head": "triton"}
 
 
 # -- the implementations: params (B, P, H, W) float, x (B, C, H, W) int64 -> mean log p -------
@@ -126,18 +130,18 @@ def port_style(params: Tensor, x: Tensor) -> Tensor:
     return torch.logsumexp(log_probs, dim=-1).sum(dim=(1, 2)).mean()
 
 
-def head(fused: bool) -> Callable[[Tensor, Tensor], Tensor]:
+def head(backend: str) -> Callable[[Tensor, Tensor], Tensor]:
     def run(params: Tensor, x: Tensor) -> Tensor:
         dist = DiscretizedLogisticMixtureDistribution(
             params, channels=C, mixtures=K, bins=BINS, validate_args=False
         )
-        dist.use_fused_log_prob = fused
+        dist.log_prob_backend = backend
         return dist.log_prob(x).mean()
 
     return run
 
 
-FUNCTIONS = {IMPLS[0]: port_style, IMPLS[1]: head(False), IMPLS[2]: head(True)}
+FUNCTIONS = {IMPLS[0]: port_style, **{name: head(b) for name, b in BACKENDS.items()}}
 
 
 # -- measurement (one implementation per process) ---------------------------------------------
@@ -203,7 +207,7 @@ def worker(args: argparse.Namespace) -> dict:
     value, grad = step()  # warm-up: lazy initialisation, thread pools, kernels
     out = {"value": value.item()}
     if args.reference:  # compare with the eager head on the same inputs
-        ref_value, ref_grad = step_with(head(False), params, x)
+        ref_value, ref_grad = step_with(head("eager"), params, x)
         out["diff_value"] = abs(value.item() - ref_value)
         out["diff_grad"] = (grad - ref_grad).abs().max().item() / ref_grad.abs().max().item()
         del ref_grad
@@ -293,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     base += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
     rows = {}
     for name in IMPLS:
+        if name == "triton DLM head" and device.type != "cuda":
+            print(f"{name}: skipped (needs CUDA; on CPU Triton only interprets the kernels)")
+            continue
         cmd = base + ["--worker", name] + (["--reference"] if "DLM" in name else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
