@@ -222,6 +222,23 @@ def _component(
 
 
 @triton.jit
+def _log_mass(
+    params_ptr, tab_ptr, pbase, HW, m2, col, k,
+    centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+    n_levels, min_log_scale,
+    C: tl.constexpr, CP: tl.constexpr, COUPLING: tl.constexpr,
+):  # fmt: skip
+    """``L_kc`` alone (unpacked here rather than indexed: older Triton cannot index tuples)."""
+    (log_mass, _raw_ls, _inv_scale, _upper, _lower, _flip, _a, _b, _wide, _aw, _bw,
+     _log_ratio, _one_minus_rho, _tiny, _safe_h, _neg_expm1) = _component(
+        params_ptr, tab_ptr, pbase, HW, m2, col, k,
+        centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+        n_levels, min_log_scale, C, CP, COUPLING,
+    )  # fmt: skip
+    return log_mass
+
+
+@triton.jit
 def _component_grads(
     first, last, inv_scale, upper, lower, flip, a, b, wide, aw, bw, log_ratio,
     one_minus_rho, tiny, safe_h, neg_expm1,
@@ -287,11 +304,11 @@ def dlm_forward_kernel(
     s_v = tl.zeros([BLOCK, CP], tl.float32)
     s_y = tl.zeros([BLOCK, CP], tl.float32)
     for k in tl.static_range(K):
-        log_mass = _component(
+        log_mass = _log_mass(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
-        )[0]  # fmt: skip
+        )  # fmt: skip
         v = _column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)
         new_top = tl.maximum(top, v)
         y = (v - new_top) + log_mass  # L added to a moderate number
@@ -330,11 +347,11 @@ def dlm_backward_kernel(
     peak = tl.full([BLOCK, CP], float("-inf"), tl.float32)
     s_y = tl.zeros([BLOCK, CP], tl.float32)
     for k in tl.static_range(K):
-        log_mass = _component(
+        log_mass = _log_mass(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
-        )[0]  # fmt: skip
+        )  # fmt: skip
         centred = (_column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)) - top
         y = centred + log_mass
         s_v = s_v + tl.exp(centred)
