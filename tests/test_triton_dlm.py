@@ -236,13 +236,19 @@ def test_offset_table_matches_the_layout() -> None:
 
 
 @cuda
-def test_cuda_default_backend_is_triton_and_matches_lean() -> None:
+def test_cuda_default_backend_is_triton_and_accurate() -> None:
+    """On a GPU: the default picks the kernels, and they stay close to float64 truth.
+
+    Compiled Triton takes ``exp``, ``log`` and float32 division from fast approximate PTX
+    instructions (``ex2.approx`` after a multiplication by ``log2 e``, ``div.full``), a few
+    ulps where ``torch`` is within one, so the bound is looser than in the interpreted test.
+    """
     kw = dict(channels=3, mixtures=10, bins=256, coupling=True)
     params, x, weights = case(11, shape=(8, 32, 32), **kw)
-    params = params.cuda().requires_grad_(True)
-    d = DiscretizedLogisticMixtureDistribution(params, **kw)
-    out = d.elementwise_log_prob(x.cuda())
-    assert "TritonDLMLogProb" in type(out.grad_fn).__name__
-    kernel = run(params, x, None, weights=weights, **kw)
-    lean = run(params, x, "lean", weights=weights, **kw)
-    torch.testing.assert_close(kernel, lean, rtol=2e-5, atol=2e-5)
+    d = DiscretizedLogisticMixtureDistribution(params.cuda().requires_grad_(True), **kw)
+    assert "TritonDLMLogProb" in type(d.elementwise_log_prob(x.cuda()).grad_fn).__name__
+    truth = run(params.double(), x, "eager", weights=weights.double(), **kw)
+    kernel = errors(run(params, x, None, weights=weights, **kw), truth)
+    eager = errors(run(params, x, "eager", weights=weights, **kw), truth)
+    assert kernel[0] <= max(4 * eager[0], 2e-6), (kernel, eager)
+    assert kernel[1] <= max(4 * eager[1], 1e-5), (kernel, eager)
