@@ -51,6 +51,9 @@ gradient from the eager path (a sanity check, not a test: ``tests/test_fused_dlm
     python examples/benchmarks/likelihood.py                       # CUDA if there, B = 64
     OMP_NUM_THREADS=1 python examples/benchmarks/likelihood.py --device cpu --batch 16
 
+``--markdown PATH`` also writes the header, table and notes as a Markdown fragment (see
+``_report.py``); ``docs/performance.md`` includes those in ``docs/performance/``.
+
 Measured (Intel Xeon, 1 thread of a shared 2-core VM, torch 2.13 CPU, ``--device cpu``;
 times vary by ~10 % between runs there; no GPU was available to measure):
 
@@ -90,6 +93,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
+
+from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
 K, C, SIZE, BINS = 10, 3, 32, 256
 P = K * (1 + 2 * C + C * (C - 1) // 2)  # 100 raw parameter channels (openai's 10 K)
@@ -269,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="images B (default: 64 on CUDA, 16 on CPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
     p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -283,49 +289,63 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args)))
         return
     device = torch.device(args.device)
+    run = Run(__file__, argv, device)
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
         where = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
     print(f"device: {device} ({where}); torch {torch.__version__}")
+    sizes = f"B={args.batch}, K={K}, {SIZE}x{SIZE}x{C}, {BINS} levels"
     print(
-        f"B={args.batch}, K={K}, {SIZE}x{SIZE}x{C}, {BINS} levels; forward + backward of the "
+        f"{sizes}; forward + backward of the "
         f"mean log-likelihood w.r.t. raw params ({P} channels); median of {args.repeats}\n"
     )
     bkchw = args.batch * K * C * SIZE * SIZE * 4  # one float32 B x K x C x H x W tensor
     base = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch)]
     base += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
     rows = {}
+    notes = []
     for name in IMPLS:
         if name == "triton DLM head" and device.type != "cuda":
-            print(f"{name}: skipped (needs CUDA; on CPU Triton only interprets the kernels)")
+            note = f"{name}: skipped (needs CUDA; on CPU Triton only interprets the kernels)"
+            print(note)
+            notes.append(note)
             continue
         cmd = base + ["--worker", name] + (["--reference"] if "DLM" in name else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr}")
+            last = (done.stderr.strip().splitlines() or ["?"])[-1]
+            notes.append(f"{name}: failed: {last}")
             continue
         rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
 
     def mb(n: float | None) -> str:
         return "n/a" if n is None else f"{n / 2**20:.1f}"
 
-    header = (
-        f"{'implementation':24s} {'time ms':>8s} {'peak extra MB':>14s} {'x BKCHW':>8s} "
-        f"{'peak RSS MB':>12s} {'saved MB':>9s} {'time/base':>10s} {'peak/base':>10s}"
+    columns = ["implementation", "time ms", "peak extra MB", "x BKCHW", "peak RSS MB",
+               "saved MB", "time/base", "peak/base"]
+    widths = [24, 8, 14, 8, 12, 9, 10, 10]
+    header = " ".join(
+        f"{c:{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(columns, widths))
     )
     print(header)
     print("-" * len(header))
     ref = rows.get(IMPLS[0])
+    table = []
     for name, r in rows.items():
         t_ratio = f"{r['time'] / ref['time']:.2f}" if ref else "n/a"
         p_ratio = f"{r['peak'] / ref['peak']:.2f}" if ref and r["peak"] and ref["peak"] else "n/a"
         units = "n/a" if r["peak"] is None else f"{r['peak'] / bkchw:.1f}"
-        print(
-            f"{name:24s} {1e3 * r['time']:8.1f} {mb(r['peak']):>14s} {units:>8s} "
-            f"{mb(r['rss']):>12s} {mb(r['saved']):>9s} {t_ratio:>10s} {p_ratio:>10s}"
-        )
-    print(f"\none float32 B x K x C x H x W tensor = {mb(bkchw)} MB")
+        cells = [name, f"{1e3 * r['time']:.1f}", mb(r["peak"]), units, mb(r["rss"]),
+                 mb(r["saved"]), t_ratio, p_ratio]
+        table.append(cells)
+        print(" ".join(
+            f"{c:{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(cells, widths))
+        ))
+    unit = f"one float32 B x K x C x H x W tensor = {mb(bkchw)} MB"
+    print(f"\n{unit}")
+    notes.append(unit)
     for name, r in rows.items():
         extra = ""
         if "diff_value" in r:
@@ -333,7 +353,20 @@ def main(argv: list[str] | None = None) -> None:
                 f"; vs eager: |d value| {r['diff_value']:.2e}, "
                 f"max|d grad| / max|grad| {r['diff_grad']:.2e}"
             )
-        print(f"{name}: mean log-likelihood {r['value']:.4f}{extra}")
+        line = f"{name}: mean log-likelihood {r['value']:.4f}{extra}"
+        print(line)
+        notes.append(line)
+
+    if args.markdown:
+        write_markdown(
+            args.markdown,
+            run,
+            title=f"DLM log-likelihood, forward + backward, on {device.type}",
+            header=run.header(args.threads, sizes, f"median of {args.repeats}"),
+            table=markdown_table(columns, table, "l" + "r" * (len(columns) - 1)),
+            notes=notes,
+        )
+        print(f"\nwrote {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ measured in this one run.
 
     python examples/benchmarks/sampling.py                  # whatever device there is
     python examples/benchmarks/sampling.py --device cpu --size 8 --repeats 5
+
+``--markdown PATH`` also writes the header and table as a Markdown fragment (see
+``_report.py``); ``docs/performance.md`` includes those in ``docs/performance/``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import time
 import torch
 
 import discretelik as dl
+
+from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
 # name -> (backbone, backbone kwargs, head kwargs), per device kind.
 CONFIGS = {
@@ -64,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="image height = width (default: 32 CUDA, 16 CPU)")
     p.add_argument("--repeats", type=int, help="timed draws per sampler (default: 3)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
+    p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
     return p.parse_args(argv)
 
 
@@ -85,6 +91,7 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    run = Run(__file__, argv, device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     torch.set_num_threads(args.threads)
     n = args.n or (16 if kind == "cuda" else 4)
@@ -95,10 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         where = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
     print(f"device: {device} ({where}); torch {torch.__version__}")
-    print(f"{n} images of {size}x{size}x3, 256 levels, DLM head; median of {repeats} draws\n")
+    sizes = f"{n} images of {size}x{size}x3, 256 levels, DLM head"
+    print(f"{sizes}; median of {repeats} draws\n")
     header = (
         f"{'model':44s} {'params':>10s} {'naive s':>9s} {'cached s':>9s} {'speed-up':>9s}  same"
     )
+    table = []
     print(header)
     print("-" * len(header))
     for name, (backbone, kwargs, head_kwargs) in CONFIGS[kind].items():
@@ -118,6 +127,26 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:44s} {params:10,d} {t_naive:9.3f} {t_cached:9.3f} "
             f"{t_naive / t_cached:8.1f}x  {same}"
         )
+        table.append([name, f"{params:,d}", f"{t_naive:.3f}", f"{t_cached:.3f}",
+                      f"{t_naive / t_cached:.1f}x", same])
+
+    if args.markdown:
+        write_markdown(
+            args.markdown,
+            run,
+            title=f"Sampling: naive vs cached, on {device.type}",
+            header=run.header(torch.get_num_threads(), sizes, f"median of {repeats} draws"),
+            table=markdown_table(
+                ["model", "params", "naive s", "cached s", "speed-up", "same"], table, "lrrrrl"
+            ),
+            notes=[
+                "naive: `sample_raster(..., cached=False)`, the whole model once per pixel; "
+                "cached: `cached=None`, the fast-sampling activation caches; speed-up = "
+                "naive / cached, measured in the same run",
+                "same: whether both drew identical images from the same generator seed",
+            ],
+        )
+        print(f"\nwrote {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ fp32 measured in the same invocation.
 
     python examples/benchmarks/train_step.py                      # whatever device there is
     python examples/benchmarks/train_step.py --batch-size 64 --steps 50
+
+``--markdown PATH`` also writes the header and table as a Markdown fragment (see
+``_report.py``); ``docs/performance.md`` includes those in ``docs/performance/``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import discretelik as dl
 from discretelik.data import load_bundled
 from discretelik.train import EMA, ExponentialDecay, LikelihoodLoss, train_step
 
+from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
+
 # name -> (precision, channels_last, compile)
 MODES = {
     "eager fp32": ("fp32", False, False),
@@ -51,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, cuDNN)")
     p.add_argument("--cpu-compile", action="store_true", help="also compile on CPU")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
     p.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     if args.worker:
         print(json.dumps(run_mode(args)))
         return []
+    run = Run(__file__, argv, torch.device(args.device))
     cuda = torch.device(args.device).type == "cuda"
     rows: list[dict[str, object]] = []
     for name, (_, _, compile_) in MODES.items():
@@ -141,15 +148,37 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
           f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up; "
           f"{where}; torch {torch.__version__}")
     print()
-    print(f"| mode | images/s | {memory} | speed vs eager fp32 |")
-    print("| --- | ---: | ---: | ---: |")
+    cells = []
     for r in rows:
         if "images_per_s" not in r:
-            print(f"| {r['mode']} | - | - | {r['note']} |")
+            cells.append([r["mode"], "-", "-", r["note"]])
             continue
         ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['mode']} | {r['images_per_s']:.1f} | {r['peak_bytes'] / 2**30:.2f} GiB "
-              f"| {ratio} |")
+        cells.append([r["mode"], f"{r['images_per_s']:.1f}", f"{r['peak_bytes'] / 2**30:.2f} GiB",
+                      ratio])
+    table = markdown_table(["mode", "images/s", memory, "speed vs eager fp32"], cells, "lrrr")
+    print(table)
+    if args.markdown:
+        notes = [f"images/s: {args.steps} x {args.batch_size} images over the wall time of the "
+                 f"{args.steps} timed steps together (one figure per mode, not a median)"]
+        if not cuda:
+            notes.append("peak process RSS includes the interpreter and libraries")
+        losses = [f"{r['mode']} {r['loss']:.3f}" for r in rows if "loss" in r]
+        if losses:
+            notes.append("loss (bits/dim) of the last timed step: " + ", ".join(losses))
+        write_markdown(
+            args.markdown,
+            run,
+            title=f"PixelCNN++ + DLM training step, on {torch.device(args.device).type}",
+            header=run.header(
+                threads,
+                f"preset {args.preset!r}, {args.mixtures} mixtures, batch {args.batch_size}",
+                f"{args.steps} timed steps after {args.warmup} warm-up",
+            ),
+            table=table,
+            notes=notes,
+        )
+        print(f"\nwrote {args.markdown}")
     return rows
 
 
