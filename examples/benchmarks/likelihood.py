@@ -54,24 +54,15 @@ gradient from the eager path (a sanity check, not a test: ``tests/test_fused_dlm
 ``--markdown PATH`` also writes the header, table and notes as a Markdown fragment (see
 ``_report.py``); ``docs/performance.md`` includes those in ``docs/performance/``.
 
-Measured (Intel Xeon, 1 thread of a shared 2-core VM, torch 2.13 CPU, ``--device cpu``;
-times vary by ~10 % between runs there; no GPU was available to measure):
-
-    B=16, median of 7      time ms  peak extra MB  x BKCHW  peak RSS MB  saved MB
-    port-style (baseline)     44.8           40.3     21.5         64.0      25.4
-    eager DLM head            66.7           72.9     38.9        116.1      45.6
-    lean DLM head             79.3           16.0      8.5         23.8       0.2
-
-    B=64, median of 3      time ms  peak extra MB  x BKCHW  peak RSS MB  saved MB
-    port-style (baseline)    191.2          161.4     21.5        298.3     101.6
-    eager DLM head           311.9          291.8     38.9        461.6     182.5
-    lean DLM head            335.4           63.9      8.5         88.2       0.8
+Measured figures, with their command and environment, are in ``docs/performance/likelihood-*.md``
+(written by ``--markdown``), shown on ``docs/performance.md``.
 
 The lean peak is the returned gradient (``B x 100 x H x W``, 3.3 BKCHW units) plus a working
 set of about ``45 + 2 K / 3`` ``B x C x H x W`` tensors (measured for ``K`` = 1 to 20: the
-``K`` part is the ``B x K x H x W`` mixture weights and their gradient); it pays with ~1.2x
-the eager time on CPU (the bin masses are evaluated three times). The baseline's mean log-likelihood differs
-from the heads' in the 5th digit: its density fallback for bins of mass below ``1e-5``.
+``K`` part is the ``B x K x H x W`` mixture weights and their gradient); it pays with 1.1x to
+1.4x the eager time on CPU (the bin masses are evaluated three times). The baseline's mean
+log-likelihood differs from the heads' in the 5th digit: its density fallback for bins of mass
+below ``1e-5``.
 """
 
 from __future__ import annotations
