@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="default: 128 on CUDA, 16 on CPU")
     p.add_argument("--steps", type=int, help="timed steps (default: 20 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, cuDNN)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed windows of --steps steps; images/s is their median (default: 3)")
     p.add_argument("--cpu-compile", action="store_true", help="also compile on CPU")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
@@ -99,13 +102,16 @@ def run_mode(args: argparse.Namespace) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    loss.item()  # waits for the last step
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+    window_seconds = []
+    for _ in range(args.repeats):  # each window ends with a sync, so windows do not overlap
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss = step()
+        loss.item()  # waits for the last step
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        window_seconds.append(time.perf_counter() - t0)
+    seconds = statistics.median(window_seconds)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:  # ru_maxrss is KiB on Linux, bytes on macOS
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--device",
                args.device, "--preset", args.preset, "--mixtures", str(args.mixtures),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--warmup", str(args.warmup),
+               "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         f"CPU ({platform.processor() or platform.machine()}, {threads} threads)")
     memory = "peak CUDA memory allocated" if cuda else "peak process RSS"
     print(f"PixelCNN++ + DLM training step, preset {args.preset!r}, {args.mixtures} mixtures, "
-          f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up; "
+          f"batch {args.batch_size}, median of {args.repeats} windows of {args.steps} steps after "
+          f"{args.warmup} warm-up; "
           f"{where}; torch {torch.__version__}")
     print()
     cells = []
@@ -159,8 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     table = markdown_table(["mode", "images/s", memory, "speed vs eager fp32"], cells, "lrrr")
     print(table)
     if args.markdown:
-        notes = [f"images/s: {args.steps} x {args.batch_size} images over the wall time of the "
-                 f"{args.steps} timed steps together (one figure per mode, not a median)"]
+        notes = [f"images/s: {args.steps} x {args.batch_size} images over the median wall time "
+                 f"of {args.repeats} windows of {args.steps} consecutive steps"]
         if not cuda:
             notes.append("peak process RSS includes the interpreter and libraries")
         losses = [f"{r['mode']} {r['loss']:.3f}" for r in rows if "loss" in r]
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             header=run.header(
                 threads,
                 f"preset {args.preset!r}, {args.mixtures} mixtures, batch {args.batch_size}",
-                f"{args.steps} timed steps after {args.warmup} warm-up",
+                f"median of {args.repeats} windows of {args.steps} steps after {args.warmup} "
+                "warm-up",
             ),
             table=table,
             notes=notes,
