@@ -130,11 +130,11 @@ def test_sampling_markdown(tmp_path: Path) -> None:
 
 def test_train_step_markdown(tmp_path: Path) -> None:
     out = tmp_path / "train_step.md"
-    printed = run_bench("train_step.py", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                        "--threads", "1", "--markdown", str(out))
+    printed = run_bench("train_step.py", "--steps", "1", "--warmup", "0", "--repeats", "2",
+                        "--batch-size", "2", "--threads", "1", "--markdown", str(out))
     text = out.read_text()
     env = header_line(text)
-    assert "preset 'tiny', 5 mixtures, batch 2" in env and "1 timed steps after 0 warm-up" in env
+    assert "preset 'tiny', 5 mixtures, batch 2" in env and "median of 2 windows of 1 steps after 0 warm-up" in env
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert table == [line for line in printed.splitlines() if line.startswith("| ")]
     assert [r[0] for r in md_rows(text)] == ["eager fp32", "bf16 autocast",
