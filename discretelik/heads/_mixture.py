@@ -182,6 +182,16 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         super().__init__(params, channels, bins, validate_args=validate_args)
         self.layout = MixtureLayout(self.channels, mixtures, coupling)
 
+    # Which implementation computes ``log_prob``: each family documents and resolves its own
+    # choices (``None``: the family's default).
+    log_prob_backend: str | None = None
+
+    def expand(self, batch_shape: Any, _instance: Any = None) -> "LocationScaleMixtureDistribution":
+        new = super().expand(batch_shape, _instance)
+        if "log_prob_backend" in vars(self):  # a per-instance choice survives expand
+            new.log_prob_backend = self.log_prob_backend
+        return new  # type: ignore[return-value]
+
     # The split parameters are built on first use, not in ``__init__``: a log-probability that
     # reads only ``params`` (the logistic head's fused path) then never allocates them.
     @lazy_property
@@ -274,19 +284,46 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
             log_scale: float log-scales (already clamped).
         """
         n = self.bins - 1
+        upper_edge, lower_edge = self._scale(level, +1), self._scale(level, -1)
+        return self._log_bin_mass_at(
+            upper_edge, lower_edge, level == 0, level == n, loc, log_scale, n
+        )
+
+    @classmethod
+    def _log_bin_mass_at(
+        cls,
+        upper_edge: Tensor,
+        lower_edge: Tensor,
+        first: Tensor,
+        last: Tensor,
+        loc: Tensor,
+        log_scale: Tensor,
+        n: int,
+    ) -> Tensor:
+        """``_log_bin_mass`` from prepared bins (the lean path prepares them once for all steps).
+
+        Args:
+            upper_edge: float upper bin edges ``_scale(level, +1)``.
+            lower_edge: float lower bin edges ``_scale(level, -1)``.
+            first: bool, ``level == 0`` (open lower edge).
+            last: bool, ``level == bins - 1`` (open upper edge).
+            loc: float locations (already coupled).
+            log_scale: float log-scales (already clamped).
+            n: ``bins - 1``.
+        """
         inv_scale = torch.exp(-log_scale)
-        upper = (self._scale(level, +1) - loc) * inv_scale  # standardised bin edges
-        lower = (self._scale(level, -1) - loc) * inv_scale
+        upper = (upper_edge - loc) * inv_scale  # standardised bin edges
+        lower = (lower_edge - loc) * inv_scale
         h = inv_scale / n  # standardised half-width
         log_h = -math.log(n) - log_scale
         # Every branch is finite (with finite gradients) everywhere, so ``where`` is safe.
         return torch.where(
-            level == 0,
-            self._log_cdf(upper),  # open lower edge: (-inf, upper]
+            first,
+            cls._log_cdf(upper),  # open lower edge: (-inf, upper]
             torch.where(
-                level == n,
-                self._log_sf(lower),  # open upper edge: [lower, inf)
-                self._log_interval(upper, lower, h, log_h),
+                last,
+                cls._log_sf(lower),  # open upper edge: [lower, inf)
+                cls._log_interval(upper, lower, h, log_h),
             ),
         )
 

@@ -16,7 +16,6 @@ likelihood conditions on.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -158,16 +157,6 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
 
             The lean and Triton paths are not twice differentiable.
     """
-
-    log_prob_backend: str | None = None
-
-    def expand(
-        self, batch_shape: Any, _instance: Any = None
-    ) -> "DiscretizedLogisticMixtureDistribution":
-        new = super().expand(batch_shape, _instance)
-        if "log_prob_backend" in vars(self):  # a per-instance choice survives expand
-            new.log_prob_backend = self.log_prob_backend
-        return new  # type: ignore[return-value]
 
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
         backend = self.log_prob_backend
