@@ -182,9 +182,32 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         super().__init__(params, channels, bins, validate_args=validate_args)
         self.layout = MixtureLayout(self.channels, mixtures, coupling)
 
-    # Which implementation computes ``log_prob``: each family documents and resolves its own
-    # choices (``None``: the family's default).
+    # Which implementation computes ``log_prob``: each family documents its choices, lists
+    # them in ``log_prob_backends`` and picks its default in ``_default_backend``.
     log_prob_backend: str | None = None
+    log_prob_backends: ClassVar[tuple[str | None, ...]] = (None, "eager")
+
+    def _default_backend(self, value: Tensor) -> str:
+        """The backend used when ``log_prob_backend`` is ``None``."""
+        return "eager"
+
+    def _resolve_backend(self, value: Tensor) -> str:
+        """``log_prob_backend`` checked and resolved: ``"eager"`` while ``torch.compile``
+        traces (the compiler fuses the eager graph itself and traces plain ops more reliably
+        than a custom autograd.Function with a Python loop or a Triton launch), else the
+        family's default for ``None``.
+
+        Raises:
+            ValueError: ``log_prob_backend`` is not one of ``log_prob_backends``.
+        """
+        backend = self.log_prob_backend
+        if backend not in self.log_prob_backends:
+            raise ValueError(
+                f"log_prob_backend must be one of {self.log_prob_backends}, got {backend!r}"
+            )
+        if torch.compiler.is_compiling():
+            return "eager"
+        return self._default_backend(value) if backend is None else backend
 
     def expand(self, batch_shape: Any, _instance: Any = None) -> "LocationScaleMixtureDistribution":
         new = super().expand(batch_shape, _instance)

@@ -26,7 +26,6 @@ _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 # term is below 1e-13 relative there, and wider bins leave Phi(a)/Phi(b) far enough from 1 for
 # log(-expm1(.)) to keep ~full precision.
 _SERIES_LIMIT = 0.05
-_BACKENDS = (None, "eager", "lean")
 
 
 def _log_ndtr_left(x: Tensor) -> Tensor:
@@ -206,18 +205,16 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
     ) -> None:
         super().__init__(params, channels, mixtures, bins, coupling, min_log_scale, validate_args)
 
+    log_prob_backends = (None, "eager", "lean")
+
+    def _default_backend(self, value: Tensor) -> str:
+        # With one component the lean path saves nothing (measured on CPU, B=16: 2.3x the
+        # eager time and a higher peak), so it is the default only for mixtures.
+        lean = self.params.device.type == "cpu" and self.mixtures > 1
+        return "lean" if lean else "eager"
+
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
-        backend = self.log_prob_backend
-        if backend not in _BACKENDS:
-            raise ValueError(f"log_prob_backend must be one of {_BACKENDS}, got {backend!r}")
-        # The compiler fuses the eager graph itself and traces plain ops more reliably than a
-        # custom autograd.Function with a Python loop.
-        if torch.compiler.is_compiling():
-            backend = "eager"
-        elif backend is None:
-            lean = self.params.device.type == "cpu" and self.mixtures > 1
-            backend = "lean" if lean else "eager"
-        if backend == "lean":
+        if self._resolve_backend(value) == "lean":
             return lean_elementwise_log_prob(
                 self.params, value, type(self), self.layout, self.bins, self.min_log_scale
             )

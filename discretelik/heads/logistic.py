@@ -34,7 +34,6 @@ _TINY_LOG_HALF_WIDTH = -20.0
 # Bins whose lower edge is further than this into the right tail (standardised) use the sinh
 # form even when wide: log sigmoid of the edges would underflow to 0 a little further out.
 _FAR_TAIL = 40.0
-_BACKENDS = (None, "eager", "lean", "triton")
 
 
 def _log_cosh(y: Tensor) -> Tensor:
@@ -158,19 +157,15 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
             The lean and Triton paths are not twice differentiable.
     """
 
+    log_prob_backends = (None, "eager", "lean", "triton")
+
+    def _default_backend(self, value: Tensor) -> str:
+        if self.params.device.type == "cuda" and use_triton(self.params, value):
+            return "triton"
+        return "lean" if self.params.device.type == "cpu" else "eager"
+
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
-        backend = self.log_prob_backend
-        if backend not in _BACKENDS:
-            raise ValueError(f"log_prob_backend must be one of {_BACKENDS}, got {backend!r}")
-        # The compiler fuses the eager graph itself and traces plain ops more reliably than a
-        # custom autograd.Function with a Python loop or a Triton launch.
-        if torch.compiler.is_compiling():
-            backend = "eager"
-        elif backend is None:
-            if self.params.device.type == "cuda" and use_triton(self.params, value):
-                backend = "triton"
-            else:
-                backend = "lean" if self.params.device.type == "cpu" else "eager"
+        backend = self._resolve_backend(value)
         if backend == "triton":
             return triton_elementwise_log_prob(
                 self.params, value, self.layout, self.bins, self.min_log_scale
