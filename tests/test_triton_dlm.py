@@ -14,6 +14,10 @@ the compiled GPU code and its speed only on a GPU (``test_cuda_*``, skipped else
   one component, component and channel counts that are not powers of two.
 * Normalisation: the kernels' probabilities of every joint value of a pixel sum to 1.
 * Dispatch and errors of ``log_prob_backend``; what autograd keeps.
+* Compilation: the interpreter runs the kernels as Python, so it does not catch what only the
+  compiler rejects (it missed a plain-float global, which compiled Triton refuses). Without a
+  GPU, ``test_kernels_compile_for_hopper`` compiles both kernels to an sm_90 cubin with the
+  installed Triton's NVIDIA backend (its own ``ptxas``, no GPU or driver needed).
 
 ``DISCRETELIK_REQUIRE_TRITON=1`` (set by ``.ci/run``) turns a missing Triton into a failure
 instead of a skip, so that CI cannot pass without running these tests.
@@ -23,6 +27,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -233,6 +240,51 @@ def test_offset_table_matches_the_layout() -> None:
         loc, log_scale, _ = layout._block_starts()
         cp = _triton_dlm._next_power_of_2(channels)
         assert table[:channels] == loc and table[cp : cp + channels] == log_scale
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from discretelik.heads import _triton_dlm, _triton_dlm_kernels as kernels
+
+    channels, mixtures, coupling = json.loads(sys.argv[1])
+    layout = _triton_dlm.MixtureLayout(channels, mixtures, coupling)
+    const = _triton_dlm._launch_args_constants(layout)
+    scalars = {"N": "i32", "HW": "i32", "P": "i32", "n_levels": "fp32", "min_log_scale": "fp32"}
+    pointers = {
+        "dlm_forward_kernel": ["params", "value", "tab", "out", "top"],
+        "dlm_backward_kernel": ["params", "value", "tab", "top", "grad_out", "grad"],
+    }
+    types = {"value": "*i64", "tab": "*i32"}
+    for name, names in pointers.items():
+        fn = getattr(kernels, name)
+        signature = {n + "_ptr": types.get(n, "*fp32") for n in names}
+        signature.update(scalars)
+        signature.update({n: "constexpr" for n in const})
+        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): v
+                                                   for n, v in const.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": _triton_dlm._NUM_WARPS})
+        assert compiled.asm["cubin"], name
+        print(name, "ok", len(compiled.asm["cubin"]))
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA test compiles them")
+@pytest.mark.parametrize(("channels", "mixtures", "coupling"), [(3, 10, True), (1, 5, False)])
+def test_kernels_compile_for_hopper(channels: int, mixtures: int, coupling: bool) -> None:
+    """Both kernels compile to an sm_90 cubin (a separate process: this one interprets)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, f"[{channels}, {mixtures}, {str(coupling).lower()}]"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok ") == 2, done.stdout
 
 
 @cuda

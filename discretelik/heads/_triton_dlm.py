@@ -33,9 +33,12 @@ from ._mixture import MixtureLayout
 
 __all__ = ["triton_available", "use_triton", "triton_elementwise_log_prob"]
 
-# Pixels per program. 128 keeps the (BLOCK, 4) float32 tiles of RGB in registers with 4 warps.
+# Pixels per program and warps per program. Not yet timed on a GPU; chosen on register use
+# (cuobjdump of the sm_90 build, RGB, K=10): with 8 warps each thread holds 2 entries of a
+# (128, 4) tile and backward needs 128 registers (16 warps per SM can run), where 4 warps need
+# 255 and spill more.
 _BLOCK = 128
-_NUM_WARPS = 4
+_NUM_WARPS = 8
 
 
 def _interpreting() -> bool:
@@ -124,12 +127,9 @@ def triton_elementwise_log_prob(
     return _TritonDLMLogProb.apply(params, value, layout, bins, min_log_scale)
 
 
-def _launch_args(params: Tensor, layout: MixtureLayout) -> tuple[tuple[int, ...], dict, int]:
-    """Grid, compile-time constants and pixel count for ``params`` ``batch + (P, H, W)``."""
-    h, w = params.shape[-2:]
-    n_pixels = params[..., 0, :, :].numel()
-    grid = (max(1, -(-n_pixels // _BLOCK)),)
-    constants = dict(
+def _launch_args_constants(layout: MixtureLayout) -> dict[str, Any]:
+    """The kernels' compile-time constants for ``layout``."""
+    return dict(
         C=layout.channels,
         CP=_next_power_of_2(layout.channels),
         K=layout.mixtures,
@@ -137,6 +137,13 @@ def _launch_args(params: Tensor, layout: MixtureLayout) -> tuple[tuple[int, ...]
         COUPLING=layout.coupling and layout.channels > 1,
         BLOCK=_BLOCK,
     )
+
+
+def _launch_args(params: Tensor, layout: MixtureLayout) -> tuple[tuple[int, ...], dict, int]:
+    """Grid, launch constants and pixel count for ``params`` ``batch + (P, H, W)``."""
+    n_pixels = params[..., 0, :, :].numel()
+    grid = (max(1, -(-n_pixels // _BLOCK)),)
+    constants = _launch_args_constants(layout)
     if not _interpreting():
         constants["num_warps"] = _NUM_WARPS
     return grid, constants, n_pixels
