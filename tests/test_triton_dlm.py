@@ -291,9 +291,10 @@ def test_kernels_compile_for_hopper(channels: int, mixtures: int, coupling: bool
 def test_cuda_default_backend_is_triton_and_accurate() -> None:
     """On a GPU: the default picks the kernels, and they stay close to float64 truth.
 
-    Compiled Triton takes ``exp``, ``log`` and float32 division from fast approximate PTX
-    instructions (``ex2.approx`` after a multiplication by ``log2 e``, ``div.full``), a few
-    ulps where ``torch`` is within one, so the bound is looser than in the interpreted test.
+    Compiled Triton takes ``exp`` and float32 division from fast approximate PTX instructions
+    (``ex2.approx`` after a multiplication by ``log2 e``, ``div.full``; seen in the sm_90 PTX),
+    a few ulps where ``torch`` is within one, so the bound is looser than in the interpreted
+    test.
     """
     kw = dict(channels=3, mixtures=10, bins=256, coupling=True)
     params, x, weights = case(11, shape=(8, 32, 32), **kw)
