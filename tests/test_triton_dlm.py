@@ -204,6 +204,39 @@ def test_autograd_keeps_no_k_fold_tensors() -> None:
     assert sum(saved) <= params.numel() + 2 * x.numel() + table + 16, saved
 
 
+@interpreted
+def test_traced_by_torch_compile_as_one_operator() -> None:
+    """An explicit ``log_prob_backend="triton"`` survives ``torch.compile`` (fullgraph: no
+    graph break): the kernels are registered custom operators with a fake implementation
+    and autograd. ``aot_eager`` traces forward and backward without generating code."""
+    kw = dict(channels=3, mixtures=4, bins=256, coupling=True)
+    params, x, weights = case(12, **kw)
+
+    def loss(p: torch.Tensor) -> torch.Tensor:
+        d = DiscretizedLogisticMixtureDistribution(p, validate_args=False, **kw)
+        d.log_prob_backend = "triton"
+        return (d.elementwise_log_prob(x.to(p.device)) * weights.to(p.device)).sum()
+
+    from torch._dynamo.backends.registry import lookup_backend
+
+    targets: list[str] = []
+
+    def backend(gm, example_inputs):  # records the traced graph, then runs it as aot_eager
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    results = []
+    for fn in (compiled, loss):
+        p = params.to(DEVICE).requires_grad_(True)
+        value = fn(p)
+        (grad,) = torch.autograd.grad(value, p)
+        results.append((value.detach(), grad))
+    assert "discretelik.dlm_log_prob.default" in targets, targets  # not the eager graph
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_backend_errors() -> None:
     params = torch.randn(2, 20, 3, 3)
     x = torch.randint(0, 8, (2, 3, 3, 3))
@@ -299,7 +332,7 @@ def test_cuda_default_backend_is_triton_and_accurate() -> None:
     kw = dict(channels=3, mixtures=10, bins=256, coupling=True)
     params, x, weights = case(11, shape=(8, 32, 32), **kw)
     d = DiscretizedLogisticMixtureDistribution(params.cuda().requires_grad_(True), **kw)
-    assert "TritonDLMLogProb" in type(d.elementwise_log_prob(x.cuda()).grad_fn).__name__
+    assert "dlm_log_prob" in type(d.elementwise_log_prob(x.cuda()).grad_fn).__name__
     truth = run(params.double(), x, "eager", weights=weights.double(), **kw)
     kernel = errors(run(params, x, None, weights=weights, **kw), truth)
     eager = errors(run(params, x, "eager", weights=weights, **kw), truth)

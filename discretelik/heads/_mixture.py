@@ -192,10 +192,11 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         return "eager"
 
     def _resolve_backend(self, value: Tensor) -> str:
-        """``log_prob_backend`` checked and resolved: ``"eager"`` while ``torch.compile``
-        traces (the compiler fuses the eager graph itself and traces plain ops more reliably
-        than a custom autograd.Function with a Python loop or a Triton launch), else the
-        family's default for ``None``.
+        """``log_prob_backend`` checked and resolved: the family's default for ``None``;
+        while ``torch.compile`` traces, ``"eager"`` unless ``"triton"`` was asked for (the
+        compiler fuses the eager graph itself and traces plain ops more reliably than a custom
+        autograd.Function with a Python loop; the Triton kernels are registered operators that
+        a compiled graph calls as they are).
 
         Raises:
             ValueError: ``log_prob_backend`` is not one of ``log_prob_backends``.
@@ -206,7 +207,7 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
                 f"log_prob_backend must be one of {self.log_prob_backends}, got {backend!r}"
             )
         if torch.compiler.is_compiling():
-            return "eager"
+            return "triton" if backend == "triton" else "eager"
         return self._default_backend(value) if backend is None else backend
 
     def expand(self, batch_shape: Any, _instance: Any = None) -> "LocationScaleMixtureDistribution":

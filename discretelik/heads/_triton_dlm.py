@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._mixture import MixtureLayout
 
@@ -45,10 +44,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether Triton can be imported (it ships with CUDA builds of PyTorch on Linux)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton can be imported (it ships with CUDA builds of PyTorch on Linux) and
+    ``torch.library.custom_op`` exists (torch 2.4 and later)."""
+    return _TRITON_FOUND and _DLM_LOG_PROB_OP is not None
 
 
 def use_triton(params: Tensor, value: Tensor) -> bool:
@@ -78,9 +80,14 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
 def _offset_table(layout: MixtureLayout, device: torch.device) -> Tensor:
     """int32 ``(2 CP + CP * CP,)``: first parameter channel of every location, log-scale and
-    coupling block (see the kernel module's docstring), ``-1`` for absent blocks."""
+    coupling block (see the kernel module's docstring), ``-1`` for absent blocks.
+
+    Cached per layout and device: building it on a GPU is a host-to-device copy, which
+    would wait for the stream on every call.
+    """
     cp = _next_power_of_2(layout.channels)
     loc, log_scale, coeff = layout._block_starts()
     table = [-1] * (2 * cp + cp * cp)
@@ -124,7 +131,11 @@ def triton_elementwise_log_prob(
             f"got params {params.dtype} {tuple(params.shape)} on {params.device}, value "
             f"{tuple(value.shape)}, triton {'found' if triton_available() else 'missing'}"
         )
-    return _TritonDLMLogProb.apply(params, value, layout, bins, min_log_scale)
+    out, _top = _DLM_LOG_PROB_OP(
+        params, value, layout.channels, layout.mixtures, layout.coupling, bins,
+        float(min_log_scale),
+    )  # fmt: skip
+    return out
 
 
 def _launch_args_constants(layout: MixtureLayout) -> dict[str, Any]:
@@ -149,48 +160,91 @@ def _launch_args(params: Tensor, layout: MixtureLayout) -> tuple[tuple[int, ...]
     return grid, constants, n_pixels
 
 
-class _TritonDLMLogProb(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        params: Tensor,
-        value: Tensor,
-        layout: MixtureLayout,
-        bins: int,
-        min_log_scale: float,
-    ) -> Tensor:
-        params = params.contiguous()
-        value = value.contiguous()
-        kernels = _kernels()
-        table = _offset_table(layout, params.device)
-        out = torch.empty(value.shape, dtype=torch.float32, device=params.device)
-        top = torch.empty_like(out)
-        grid, constants, n_pixels = _launch_args(params, layout)
-        hw = params.shape[-1] * params.shape[-2]
-        if n_pixels > 0:
-            kernels.dlm_forward_kernel[grid](
-                params, value, table, out, top,
-                n_pixels, hw, params.shape[-3], float(bins - 1), float(min_log_scale),
-                **constants,
-            )  # fmt: skip
-        ctx.save_for_backward(params, value, table, top)
-        ctx.layout, ctx.bins, ctx.min_log_scale = layout, bins, min_log_scale
-        return out
+def _run_forward(
+    params: Tensor, value: Tensor, channels: int, mixtures: int, coupling: bool, bins: int,
+    min_log_scale: float,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Launch the forward kernel: ``(out, top)``, float32 of ``value``'s shape."""
+    layout = MixtureLayout(channels, mixtures, coupling)
+    params = params.contiguous()
+    value = value.contiguous()
+    out = torch.empty(value.shape, dtype=torch.float32, device=params.device)
+    top = torch.empty_like(out)
+    grid, constants, n_pixels = _launch_args(params, layout)
+    if n_pixels > 0:
+        _kernels().dlm_forward_kernel[grid](
+            params, value, _offset_table(layout, params.device), out, top,
+            n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3], float(bins - 1),
+            float(min_log_scale), **constants,
+        )  # fmt: skip
+    return out, top
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        params, value, table, top = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        grad = grad.contiguous()
-        out = torch.empty_like(params)
-        grid, constants, n_pixels = _launch_args(params, ctx.layout)
-        hw = params.shape[-1] * params.shape[-2]
-        if n_pixels > 0:
-            _kernels().dlm_backward_kernel[grid](
-                params, value, table, top, grad, out,
-                n_pixels, hw, params.shape[-3], float(ctx.bins - 1), float(ctx.min_log_scale),
-                **constants,
-            )  # fmt: skip
-        return out, None, None, None, None
+
+def _run_backward(
+    params: Tensor, value: Tensor, top: Tensor, grad: Tensor, channels: int, mixtures: int,
+    coupling: bool, bins: int, min_log_scale: float,
+) -> Tensor:  # fmt: skip
+    """Launch the backward kernel: the gradient, float32 of ``params``' shape (contiguous)."""
+    layout = MixtureLayout(channels, mixtures, coupling)
+    params = params.contiguous()
+    out = torch.empty(params.shape, dtype=torch.float32, device=params.device)
+    grid, constants, n_pixels = _launch_args(params, layout)
+    if n_pixels > 0:
+        _kernels().dlm_backward_kernel[grid](
+            params, value.contiguous(), _offset_table(layout, params.device), top.contiguous(),
+            grad.contiguous(), out,
+            n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3], float(bins - 1),
+            float(min_log_scale), **constants,
+        )  # fmt: skip
+    return out
+
+
+def _register_ops() -> Any:
+    """The kernels as ``torch.library`` custom operators with autograd, so that
+    ``torch.compile`` can trace a call (it sees one opaque operator and its fake, shape-only
+    version) instead of breaking the graph; ``None`` before torch 2.4."""
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return None
+
+    @custom_op("discretelik::dlm_log_prob", mutates_args=())
+    def forward_op(
+        params: Tensor, value: Tensor, channels: int, mixtures: int, coupling: bool, bins: int,
+        min_log_scale: float,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        return _run_forward(params, value, channels, mixtures, coupling, bins, min_log_scale)
+
+    @forward_op.register_fake
+    def _(params, value, channels, mixtures, coupling, bins, min_log_scale):  # noqa: ANN001, ANN202
+        out = value.new_empty(value.shape, dtype=torch.float32)
+        return out, torch.empty_like(out)
+
+    @custom_op("discretelik::dlm_log_prob_backward", mutates_args=())
+    def backward_op(
+        params: Tensor, value: Tensor, top: Tensor, grad: Tensor, channels: int, mixtures: int,
+        coupling: bool, bins: int, min_log_scale: float,
+    ) -> Tensor:  # fmt: skip
+        return _run_backward(
+            params, value, top, grad, channels, mixtures, coupling, bins, min_log_scale
+        )
+
+    @backward_op.register_fake
+    def _(params, value, top, grad, channels, mixtures, coupling, bins, min_log_scale):  # noqa: ANN001, ANN202
+        return params.new_empty(params.shape, dtype=torch.float32)
+
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        params, value, *options = inputs
+        ctx.save_for_backward(params, value, output[1])  # top: the per-channel maximum
+        ctx.options = options
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx: Any, grad: Tensor, _grad_top: Tensor) -> tuple[Tensor | None, ...]:
+        params, value, top = ctx.saved_tensors
+        d_params = backward_op(params, value, top, grad, *ctx.options)
+        return (d_params,) + (None,) * (1 + len(ctx.options))
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return forward_op
+
+
+_DLM_LOG_PROB_OP = _register_ops()

@@ -152,7 +152,9 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
             - ``None`` (default): ``"triton"`` on CUDA where it applies and Triton is
               installed, else ``"lean"`` on CPU and ``"eager"`` elsewhere (on a GPU the lean
               path's many small kernels would be launch-bound). Under ``torch.compile`` the
-              eager path is always used.
+              eager path is used (the compiler fuses it) unless ``"triton"`` is set
+              explicitly: the kernels are registered ``torch.library`` operators, which a
+              compiled graph calls without a graph break.
 
             The lean and Triton paths are not twice differentiable.
     """
