@@ -12,6 +12,11 @@ fp32 measured in the same invocation.
   the interpreter and libraries). ``torch.compile`` is skipped on CPU unless ``--cpu-compile``
   is given (its C++ build takes minutes on a small CPU), and the table says so.
 
+The DLM log-likelihood runs on the head's default path in every mode (on CUDA the Triton
+kernels in eager mode, the eager graph fused by the compiler under ``torch.compile``); the last
+mode, CUDA only, compiles the step with the Triton kernels inside (``log_prob_backend =
+"triton"``).
+
     python examples/benchmarks/train_step.py                      # whatever device there is
     python examples/benchmarks/train_step.py --batch-size 64 --steps 50
 
@@ -35,15 +40,19 @@ import torch
 
 import discretelik as dl
 from discretelik.data import load_bundled
+from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
 from discretelik.train import EMA, ExponentialDecay, LikelihoodLoss, train_step
 
 from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
-# name -> (precision, channels_last, compile)
+# name -> (precision, channels_last, compile, DLM log_prob_backend). The DLM head's default
+# (None) is the Triton kernels on CUDA in eager mode and the eager graph under compile; the
+# last mode asks for the kernels inside the compiled step.
 MODES = {
-    "eager fp32": ("fp32", False, False),
-    "bf16 autocast": ("bf16", False, False),
-    "bf16 + channels_last + compile": ("bf16", True, True),
+    "eager fp32": ("fp32", False, False, None),
+    "bf16 autocast": ("bf16", False, False, None),
+    "bf16 + channels_last + compile": ("bf16", True, True, None),
+    "bf16 + channels_last + compile + triton DLM": ("bf16", True, True, "triton"),
 }
 
 
@@ -72,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_mode(args: argparse.Namespace) -> dict[str, float]:
     """One mode in this process: returns images/s and peak memory in bytes."""
-    precision, channels_last, compile_ = MODES[args.worker]
+    precision, channels_last, compile_, dlm_backend = MODES[args.worker]
+    DiscretizedLogisticMixtureDistribution.log_prob_backend = dlm_backend
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,7 +139,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     run = Run(__file__, argv, torch.device(args.device))
     cuda = torch.device(args.device).type == "cuda"
     rows: list[dict[str, object]] = []
-    for name, (_, _, compile_) in MODES.items():
+    for name, (_, _, compile_, dlm_backend) in MODES.items():
+        if dlm_backend == "triton" and not cuda:
+            rows.append({"mode": name, "note": "skipped on CPU: the Triton kernels need CUDA"})
+            continue
         if compile_ and not cuda and not args.cpu_compile:
             rows.append({"mode": name, "note": "skipped on CPU: compiling the training step "
                                                "took ~2 min on a 2-core CPU (--cpu-compile)"})
