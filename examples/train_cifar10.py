@@ -112,6 +112,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 COMMON: dict[str, Any] = dict(
     backbone="pixelcnn++", head="dlm", nr_filters=None, nr_resnet=None, dropout=None,
     conditional=False, beta1=0.95, beta2=0.9995, grad_clip=None, seed=1, threads=None,
+    log_prob_backend=None,
 )
 PAPER_GLOBAL_BATCH = 128
 # Settings that a checkpoint's state (optimiser, scheduler, EMA, batch order) brings back.
@@ -166,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--precision", choices=["fp32", "bf16"])
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--log-prob-backend", choices=["eager", "lean", "triton"],
+                   help="the mixture head's log_prob implementation (default: the head's own "
+                        "choice; 'triton' also inside --compile)")
     g = p.add_argument_group("logging")
     for name in ("log-every", "eval-every", "checkpoint-every", "sample-every"):
         g.add_argument(f"--{name}", type=int, help="period in steps (0: only at the end)")
@@ -224,6 +228,19 @@ def model_spec(s: dict[str, Any]) -> dict[str, Any]:
 def build_model(spec: dict[str, Any]) -> dl.AutoregressiveModel:
     return dl.build(spec["backbone"], spec["head"], preset=spec["preset"],
                     head_kwargs=spec["head_kwargs"], **spec["backbone_kwargs"])
+
+
+def set_log_prob_backend(model: dl.AutoregressiveModel, backend: str | None) -> None:
+    """Choose the head's log_prob implementation (for this process: on its distribution class)."""
+    if backend is None:
+        return
+    cls = getattr(model.head, "distribution_class", None)
+    if backend not in getattr(cls, "log_prob_backends", ()):
+        raise ValueError(
+            f"--log-prob-backend {backend!r} is not available for head {type(model.head).__name__}"
+            f" (choices: {getattr(cls, 'log_prob_backends', 'none')})"
+        )
+    cls.log_prob_backend = backend
 
 
 def steps_per_period(value: Any, steps_per_epoch: int) -> int:
@@ -295,6 +312,7 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
 
     torch.manual_seed(s["seed"])  # the same initial weights on every rank
     model = build_model(spec).to(dist.device)
+    set_log_prob_backend(model, s.get("log_prob_backend"))  # absent in older checkpoints
     if ckpt is None and s["init_batch_size"] > 0:
         # openai: one init pass on init_batch_size training images, dropout on.
         idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(s["seed"]))

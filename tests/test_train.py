@@ -392,3 +392,21 @@ def test_benchmark_script_prints_the_table(tmp_path: Path) -> None:
     assert rows[2].startswith("| eager fp32 |") and rows[2].endswith("| 1.00x |")
     assert rows[3].startswith("| bf16 autocast |") and rows[3].endswith("x |")
     assert "skipped on CPU" in rows[4]
+
+
+def test_log_prob_backend_flag(script, tiny_npz: Path, tmp_path: Path) -> None:
+    """--log-prob-backend reaches the head's distribution class; a head without the choice
+    is refused by name."""
+    from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution as DLM
+
+    try:
+        script.main(base_args(tiny_npz, tmp_path / "eager", "--steps", "1",
+                              "--log-prob-backend", "eager"))
+        assert DLM.log_prob_backend == "eager"
+        settings = json.loads((tmp_path / "eager" / "settings.json").read_text())
+        assert settings["log_prob_backend"] == "eager"
+    finally:
+        DLM.log_prob_backend = None
+    with pytest.raises(ValueError, match="--log-prob-backend 'lean' is not available for head"):
+        script.main(base_args(tiny_npz, tmp_path / "softmax", "--steps", "1", "--head",
+                              "softmax", "--log-prob-backend", "lean"))
