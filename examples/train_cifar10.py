@@ -231,10 +231,16 @@ def build_model(spec: dict[str, Any]) -> dl.AutoregressiveModel:
 
 
 def set_log_prob_backend(model: dl.AutoregressiveModel, backend: str | None) -> None:
-    """Choose the head's log_prob implementation (for this process: on its distribution class)."""
-    if backend is None:
-        return
+    """Choose the head's log_prob implementation (for this process: on its distribution class).
+
+    ``None`` restores the head's own choice, so that an earlier run in the same process does
+    not leave its backend behind.
+    """
     cls = getattr(model.head, "distribution_class", None)
+    if backend is None:
+        if hasattr(cls, "log_prob_backends"):
+            cls.log_prob_backend = None
+        return
     if backend not in getattr(cls, "log_prob_backends", ()):
         raise ValueError(
             f"--log-prob-backend {backend!r} is not available for head {type(model.head).__name__}"

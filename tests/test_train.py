@@ -410,3 +410,21 @@ def test_log_prob_backend_flag(script, tiny_npz: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--log-prob-backend 'lean' is not available for head"):
         script.main(base_args(tiny_npz, tmp_path / "softmax", "--steps", "1", "--head",
                               "softmax", "--log-prob-backend", "lean"))
+
+
+def test_log_prob_backend_flag_does_not_outlive_its_run(script) -> None:
+    """A later run in the same process without --log-prob-backend (settings: None) gets the
+    head's own choice again, not the backend an earlier run set on the class."""
+    from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution as DLM
+
+    model = dl.build("pixelcnn++", "dlm", preset="tiny")
+    try:
+        script.set_log_prob_backend(model, "eager")
+        assert DLM.log_prob_backend == "eager"
+        script.set_log_prob_backend(model, None)
+        assert DLM.log_prob_backend is None
+    finally:
+        DLM.log_prob_backend = None
+    softmax = dl.build("pixelcnn++", "softmax", preset="tiny")
+    script.set_log_prob_backend(softmax, None)  # no choice to reset: nothing happens
+    assert not hasattr(softmax.head, "log_prob_backend")
