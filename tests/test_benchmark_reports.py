@@ -154,3 +154,11 @@ def test_performance_page_fragments_come_from_their_commands() -> None:
         assert f"python examples/benchmarks/{script.group(1)} " in command, rel
         assert command.endswith(f"--markdown {rel}"), f"{rel}: {command}"
         assert md_rows(text), f"{rel} has no table rows"
+
+
+def test_performance_page_describes_every_train_step_mode() -> None:
+    """The page's prose names the training-step modes its table shows, the CUDA-only one that
+    compiles the step with the Triton DLM kernels included."""
+    section = PAGE.read_text().split("### Training step: `train_step.py`")[1].split("\n## ")[0]
+    prose = " ".join(section.split())
+    assert "Triton" in prose and 'log_prob_backend = "triton"' in prose, prose
