@@ -255,6 +255,33 @@ def test_backend_errors() -> None:
         d.log_prob(x.expand(4, -1, -1, -1, -1))
 
 
+def test_scope_limits_and_import_failure_fallback(monkeypatch) -> None:
+    """Bins beyond float32-exact levels are out of scope (a clear error when asked for); the
+    default never picks the kernels on CPU; a Triton that is found but fails to import makes
+    the default warn once and use the PyTorch paths."""
+    params = torch.randn(1, 20, 2, 2)
+    x = torch.randint(0, 8, (1, 3, 2, 2))
+    assert _triton_dlm.use_triton(params, x, 2**24 + 1) == _triton_dlm.use_triton(params, x)
+    assert not _triton_dlm.use_triton(params, x, 2**24 + 2)
+    d = DiscretizedLogisticMixtureDistribution(params, mixtures=2, bins=2**24 + 2)
+    d.log_prob_backend = "triton"
+    with pytest.raises(ValueError, match="at most 2\\*\\*24 \\+ 1 bins.*bins 16777218"):
+        d.log_prob(x)
+    assert not _triton_dlm.triton_is_default(params, x, 8)  # CPU, even when interpreting
+
+    def broken():
+        raise ImportError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(_triton_dlm, "_kernels", broken)
+    _triton_dlm._kernels_importable.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be imported.*libcuda"):
+            assert _triton_dlm._kernels_importable() is False
+        assert _triton_dlm._kernels_importable() is False  # cached: warned once
+    finally:
+        _triton_dlm._kernels_importable.cache_clear()
+
+
 def test_default_backend_on_cpu_is_lean() -> None:
     params = torch.randn(1, 20, 2, 2, requires_grad=True)
     x = torch.randint(0, 8, (1, 3, 2, 2))

@@ -20,9 +20,11 @@ before Triton is first imported; the test suite checks them that way on machines
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -30,7 +32,12 @@ from torch import Tensor
 
 from ._mixture import MixtureLayout
 
-__all__ = ["triton_available", "use_triton", "triton_elementwise_log_prob"]
+__all__ = [
+    "triton_available",
+    "triton_elementwise_log_prob",
+    "triton_is_default",
+    "use_triton",
+]
 
 # Pixels per program and warps per program. Not yet timed on a GPU; chosen on register use
 # (cuobjdump of the sm_90 build, RGB, K=10): with 8 warps each thread holds 2 entries of a
@@ -38,6 +45,11 @@ __all__ = ["triton_available", "use_triton", "triton_elementwise_log_prob"]
 # 255 and spill more.
 _BLOCK = 128
 _NUM_WARPS = 8
+# Levels up to 2^24 are exact in float32 (bin edges are formed from them in the kernels).
+_MAX_BINS = 2**24 + 1
+# The oldest GPUs that the default picks the kernels on (Turing); Triton's support for older
+# ones has been dropped or limited over its releases.
+_MIN_CAPABILITY = (7, 5)
 
 
 def _interpreting() -> bool:
@@ -53,11 +65,13 @@ def triton_available() -> bool:
     return _TRITON_FOUND and _DLM_LOG_PROB_OP is not None
 
 
-def use_triton(params: Tensor, value: Tensor) -> bool:
+def use_triton(params: Tensor, value: Tensor, bins: int | None = None) -> bool:
     """Whether the Triton kernels can compute this call.
 
     True for float32 ``params`` on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``)
-    with levels of the batch shape (no leading ``sample_shape``), when Triton is importable.
+    with levels of the batch shape (no leading ``sample_shape``) and at most ``2^24 + 1``
+    bins (the kernels form bin edges from levels in float32, exact up to ``2^24``), when
+    Triton is found.
     """
     on_device = params.device.type == "cuda" or (params.device.type == "cpu" and _interpreting())
     return (
@@ -65,8 +79,36 @@ def use_triton(params: Tensor, value: Tensor) -> bool:
         and params.dtype == torch.float32
         and value.dim() == params.dim()
         and params.dim() >= 3
+        and (bins is None or bins <= _MAX_BINS)
         and triton_available()
     )
+
+
+def triton_is_default(params: Tensor, value: Tensor, bins: int) -> bool:
+    """Whether the DLM head's default backend is the Triton kernels for this call: within
+    ``use_triton``'s scope, on a CUDA GPU of compute capability 7.5 or newer, with a Triton
+    that imports (else a warning, once, and the PyTorch paths)."""
+    return (
+        params.device.type == "cuda"
+        and use_triton(params, value, bins)
+        and torch.cuda.get_device_capability(params.device) >= _MIN_CAPABILITY
+        and _kernels_importable()
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_importable() -> bool:
+    try:
+        _kernels()
+    except Exception as error:  # noqa: BLE001  (any import-time failure of triton)
+        warnings.warn(
+            f"triton was found but the DLM kernels could not be imported ({error!r}); "
+            "log_prob uses the PyTorch paths",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,12 +166,14 @@ def triton_elementwise_log_prob(
     Raises:
         ValueError: ``params``/``value`` outside the kernels' scope (see ``use_triton``).
     """
-    if not use_triton(params, value):
+    if not use_triton(params, value, bins):
         raise ValueError(
             "triton_elementwise_log_prob needs float32 params on a CUDA device (or CPU under "
-            "TRITON_INTERPRET=1), levels without sample dimensions and an importable triton; "
+            "TRITON_INTERPRET=1), levels without sample dimensions, at most 2**24 + 1 bins and "
+            "an importable triton; "
             f"got params {params.dtype} {tuple(params.shape)} on {params.device}, value "
-            f"{tuple(value.shape)}, triton {'found' if triton_available() else 'missing'}"
+            f"{tuple(value.shape)}, bins {bins}, triton "
+            f"{'found' if triton_available() else 'missing'}"
         )
     out, _top = _DLM_LOG_PROB_OP(
         params, value, layout.channels, layout.mixtures, layout.coupling, bins,
@@ -160,6 +204,11 @@ def _launch_args(params: Tensor, layout: MixtureLayout) -> tuple[tuple[int, ...]
     return grid, constants, n_pixels
 
 
+def _on_device(t: Tensor) -> Any:
+    """Make ``t``'s GPU the current one: Triton launches on the current CUDA device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _run_forward(
     params: Tensor, value: Tensor, channels: int, mixtures: int, coupling: bool, bins: int,
     min_log_scale: float,
@@ -172,11 +221,12 @@ def _run_forward(
     top = torch.empty_like(out)
     grid, constants, n_pixels = _launch_args(params, layout)
     if n_pixels > 0:
-        _kernels().dlm_forward_kernel[grid](
-            params, value, _offset_table(layout, params.device), out, top,
-            n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3], float(bins - 1),
-            float(min_log_scale), **constants,
-        )  # fmt: skip
+        with _on_device(params):
+            _kernels().dlm_forward_kernel[grid](
+                params, value, _offset_table(layout, params.device), out, top,
+                n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3],
+                float(bins - 1), float(min_log_scale), **constants,
+            )  # fmt: skip
     return out, top
 
 
@@ -190,12 +240,13 @@ def _run_backward(
     out = torch.empty(params.shape, dtype=torch.float32, device=params.device)
     grid, constants, n_pixels = _launch_args(params, layout)
     if n_pixels > 0:
-        _kernels().dlm_backward_kernel[grid](
-            params, value.contiguous(), _offset_table(layout, params.device), top.contiguous(),
-            grad.contiguous(), out,
-            n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3], float(bins - 1),
-            float(min_log_scale), **constants,
-        )  # fmt: skip
+        with _on_device(params):
+            _kernels().dlm_backward_kernel[grid](
+                params, value.contiguous(), _offset_table(layout, params.device),
+                top.contiguous(), grad.contiguous(), out,
+                n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3],
+                float(bins - 1), float(min_log_scale), **constants,
+            )  # fmt: skip
     return out
 
 

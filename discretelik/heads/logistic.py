@@ -24,7 +24,7 @@ from torch import Tensor
 from ..registry import register_head
 from ._fused_dlm import fused_elementwise_log_prob
 from ._mixture import LocationScaleMixtureDistribution, MixtureHead
-from ._triton_dlm import triton_elementwise_log_prob, use_triton
+from ._triton_dlm import triton_elementwise_log_prob, triton_is_default
 
 __all__ = ["DiscretizedLogisticMixture", "DiscretizedLogisticMixtureDistribution"]
 
@@ -149,8 +149,9 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
             - ``"triton"``: two Triton kernels (``discretelik.heads._triton_dlm``) with the
               lean path's math, one GPU program per block of pixels; float32 on CUDA, levels
               without sample dimensions;
-            - ``None`` (default): ``"triton"`` on CUDA where it applies and Triton is
-              installed, else ``"lean"`` on CPU and ``"eager"`` elsewhere (on a GPU the lean
+            - ``None`` (default): ``"triton"`` on CUDA where it applies (float32, no sample
+              dimensions, compute capability 7.5 or newer, Triton importable: otherwise a
+              warning once), else ``"lean"`` on CPU and ``"eager"`` on a GPU (where the lean
               path's many small kernels would be launch-bound). Under ``torch.compile`` the
               eager path is used (the compiler fuses it) unless ``"triton"`` is set
               explicitly: the kernels are registered ``torch.library`` operators, which a
@@ -162,7 +163,7 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
     log_prob_backends = (None, "eager", "lean", "triton")
 
     def _default_backend(self, value: Tensor) -> str:
-        if self.params.device.type == "cuda" and use_triton(self.params, value):
+        if triton_is_default(self.params, value, self.bins):
             return "triton"
         return "lean" if self.params.device.type == "cpu" else "eager"
 
