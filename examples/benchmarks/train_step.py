@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
     p.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for name in ("repeats", "steps", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     cuda = torch.device(args.device).type == "cuda"
     args.preset = args.preset or ("paper" if cuda else "tiny")
     args.mixtures = args.mixtures or (10 if cuda else 5)
