@@ -182,40 +182,6 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         super().__init__(params, channels, bins, validate_args=validate_args)
         self.layout = MixtureLayout(self.channels, mixtures, coupling)
 
-    # Which implementation computes ``log_prob``: each family documents its choices, lists
-    # them in ``log_prob_backends`` and picks its default in ``_default_backend``.
-    log_prob_backend: str | None = None
-    log_prob_backends: ClassVar[tuple[str | None, ...]] = (None, "eager")
-
-    def _default_backend(self, value: Tensor) -> str:
-        """The backend used when ``log_prob_backend`` is ``None``."""
-        return "eager"
-
-    def _resolve_backend(self, value: Tensor) -> str:
-        """``log_prob_backend`` checked and resolved: the family's default for ``None``;
-        while ``torch.compile`` traces, ``"eager"`` unless ``"triton"`` was asked for (the
-        compiler fuses the eager graph itself and traces plain ops more reliably than a custom
-        autograd.Function with a Python loop; the Triton kernels are registered operators that
-        a compiled graph calls as they are).
-
-        Raises:
-            ValueError: ``log_prob_backend`` is not one of ``log_prob_backends``.
-        """
-        backend = self.log_prob_backend
-        if backend not in self.log_prob_backends:
-            raise ValueError(
-                f"log_prob_backend must be one of {self.log_prob_backends}, got {backend!r}"
-            )
-        if torch.compiler.is_compiling():
-            return "triton" if backend == "triton" else "eager"
-        return self._default_backend(value) if backend is None else backend
-
-    def expand(self, batch_shape: Any, _instance: Any = None) -> "LocationScaleMixtureDistribution":
-        new = super().expand(batch_shape, _instance)
-        if "log_prob_backend" in vars(self):  # a per-instance choice survives expand
-            new.log_prob_backend = self.log_prob_backend
-        return new  # type: ignore[return-value]
-
     # The split parameters are built on first use, not in ``__init__``: a log-probability that
     # reads only ``params`` (the logistic head's fused path) then never allocates them.
     @lazy_property

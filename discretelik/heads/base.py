@@ -38,7 +38,12 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
     or wider (bf16/fp16 parameters are promoted to float32).
 
     Subclasses implement [`elementwise_log_prob`][discretelik.DiscreteImageDistribution.elementwise_log_prob]
-    (through ``_elementwise_log_prob``), ``_sample`` and ``mean``.
+    (through ``_elementwise_log_prob``), ``_sample`` and ``mean``. A head with more than one
+    implementation of the log-likelihood lists them in the class tuple ``log_prob_backends``
+    (here ``(None, "eager")``), picks its default in ``_default_backend`` and dispatches on
+    ``_resolve_backend()``, which checks ``log_prob_backend`` (set on the class, or on one
+    instance, which ``expand`` keeps) and returns ``"eager"`` while ``torch.compile`` traces
+    unless ``"triton"`` was asked for.
 
     Args:
         params: Raw head parameters, float tensor ``batch_shape + (P, H, W)``.
@@ -107,6 +112,37 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
         """Keyword arguments (besides ``params``) that rebuild this distribution."""
         return {"channels": self.channels, "bins": self.bins}
 
+    # -- which implementation computes log_prob --------------------------------------------
+    # A head documents its choices (``log_prob_backend`` in its docstring's Attributes), lists
+    # them in ``log_prob_backends`` and picks its default in ``_default_backend``; its
+    # ``_elementwise_log_prob`` dispatches on ``_resolve_backend``. Set ``log_prob_backend`` on
+    # the class (every instance) or on one instance (kept by ``expand``).
+    log_prob_backend: str | None = None
+    log_prob_backends: ClassVar[tuple[str | None, ...]] = (None, "eager")
+
+    def _default_backend(self, value: Tensor) -> str:
+        """The backend used when ``log_prob_backend`` is ``None``."""
+        return "eager"
+
+    def _resolve_backend(self, value: Tensor) -> str:
+        """``log_prob_backend`` checked and resolved: the head's default for ``None``;
+        while ``torch.compile`` traces, ``"eager"`` unless ``"triton"`` was asked for (the
+        compiler fuses the eager graph itself and traces plain ops more reliably than a custom
+        autograd.Function with a Python loop; the Triton kernels are registered operators that
+        a compiled graph calls as they are).
+
+        Raises:
+            ValueError: ``log_prob_backend`` is not one of ``log_prob_backends``.
+        """
+        backend = self.log_prob_backend
+        if backend not in self.log_prob_backends:
+            raise ValueError(
+                f"log_prob_backend must be one of {self.log_prob_backends}, got {backend!r}"
+            )
+        if torch.compiler.is_compiling():
+            return "triton" if backend == "triton" else "eager"
+        return self._default_backend(value) if backend is None else backend
+
     # -- torch.distributions contract ------------------------------------------------------
     @constraints.dependent_property(is_discrete=True, event_dim=3)
     def support(self) -> constraints.Constraint:  # type: ignore[override]
@@ -115,9 +151,12 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
     def expand(self, batch_shape: Any, _instance: Any = None) -> "DiscreteImageDistribution":
         batch_shape = torch.Size(batch_shape)
         params = self.params.expand(batch_shape + self.params.shape[-3:])
-        return type(self)(params, validate_args=False, **self._init_kwargs())._with_validation(
+        new = type(self)(params, validate_args=False, **self._init_kwargs())._with_validation(
             self._validate_args
         )
+        if "log_prob_backend" in vars(self):  # a per-instance choice survives expand
+            new.log_prob_backend = self.log_prob_backend
+        return new
 
     def _with_validation(self, flag: bool) -> "DiscreteImageDistribution":
         self._validate_args = flag
