@@ -50,6 +50,11 @@ _MAX_BINS = 2**24 + 1
 # The oldest GPUs that the default picks the kernels on (Turing); Triton's support for older
 # ones has been dropped or limited over its releases.
 _MIN_CAPABILITY = (7, 5)
+# Whether the DLM head's default uses the kernels on CUDA at all. Off until they have run on a
+# GPU: so far they are checked in Triton's CPU interpreter and compiled for sm_90, but never
+# executed on hardware. A session with a GPU runs tests/test_triton_dlm.py (its CUDA test
+# compares against float64) and examples/benchmarks/likelihood.py, then turns this on.
+DEFAULT_ON_CUDA = False
 
 
 def _interpreting() -> bool:
@@ -85,11 +90,13 @@ def use_triton(params: Tensor, value: Tensor, bins: int | None = None) -> bool:
 
 
 def triton_is_default(params: Tensor, value: Tensor, bins: int) -> bool:
-    """Whether the DLM head's default backend is the Triton kernels for this call: within
+    """Whether the DLM head's default backend is the Triton kernels for this call: only once
+    ``DEFAULT_ON_CUDA`` is on (not yet: the kernels have not run on a GPU), within
     ``use_triton``'s scope, on a CUDA GPU of compute capability 7.5 or newer, with a Triton
     that imports (else a warning, once, and the PyTorch paths)."""
     return (
-        params.device.type == "cuda"
+        DEFAULT_ON_CUDA
+        and params.device.type == "cuda"
         and use_triton(params, value, bins)
         and torch.cuda.get_device_capability(params.device) >= _MIN_CAPABILITY
         and _kernels_importable()

@@ -149,10 +149,13 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
             - ``"triton"``: two Triton kernels (``discretelik.heads._triton_dlm``) with the
               lean path's math, one GPU program per block of pixels; float32 on CUDA, levels
               without sample dimensions;
-            - ``None`` (default): ``"triton"`` on CUDA where it applies (float32, no sample
-              dimensions, compute capability 7.5 or newer, Triton importable: otherwise a
-              warning once), else ``"lean"`` on CPU and ``"eager"`` on a GPU (where the lean
-              path's many small kernels would be launch-bound). Under ``torch.compile`` the
+            - ``None`` (default): ``"lean"`` on CPU and ``"eager"`` on a GPU (where the lean
+              path's many small kernels would be launch-bound). The Triton kernels are
+              opt-in for now: they are checked in Triton's CPU interpreter and compiled for
+              sm_90 but have not yet run on a GPU. Once they have,
+              ``discretelik.heads._triton_dlm.DEFAULT_ON_CUDA`` makes them the CUDA default
+              where they apply (float32, no sample dimensions, compute capability 7.5 or
+              newer, Triton importable: otherwise a warning once). Under ``torch.compile`` the
               eager path is used (the compiler fuses it) unless ``"triton"`` is set
               explicitly: the kernels are registered ``torch.library`` operators, which a
               compiled graph calls without a graph break.
