@@ -12,10 +12,9 @@ fp32 measured in the same invocation.
   the interpreter and libraries). ``torch.compile`` is skipped on CPU unless ``--cpu-compile``
   is given (its C++ build takes minutes on a small CPU), and the table says so.
 
-The DLM log-likelihood runs on the head's default path in every mode (on CUDA the Triton
-kernels in eager mode, the eager graph fused by the compiler under ``torch.compile``); the last
-mode, CUDA only, compiles the step with the Triton kernels inside (``log_prob_backend =
-"triton"``).
+The DLM log-likelihood runs on the head's default path (on CUDA its eager graph, fused by the
+compiler under ``torch.compile``) except in the two "triton DLM" modes, CUDA only, which set
+``log_prob_backend = "triton"``: the Triton kernels, also inside the compiled step.
 
     python examples/benchmarks/train_step.py                      # whatever device there is
     python examples/benchmarks/train_step.py --batch-size 64 --steps 50
@@ -46,11 +45,12 @@ from discretelik.train import EMA, ExponentialDecay, LikelihoodLoss, train_step
 from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
 # name -> (precision, channels_last, compile, DLM log_prob_backend). The DLM head's default
-# (None) is the Triton kernels on CUDA in eager mode and the eager graph under compile; the
-# last mode asks for the kernels inside the compiled step.
+# (None) on CUDA is its eager graph (fused by the compiler under compile); the "triton DLM"
+# modes ask for the Triton kernels instead.
 MODES = {
     "eager fp32": ("fp32", False, False, None),
     "bf16 autocast": ("bf16", False, False, None),
+    "bf16 autocast + triton DLM": ("bf16", False, False, "triton"),
     "bf16 + channels_last + compile": ("bf16", True, True, None),
     "bf16 + channels_last + compile + triton DLM": ("bf16", True, True, "triton"),
 }
