@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--log-prob-backend", choices=["eager", "lean", "triton"],
-                   help="the mixture head's log_prob implementation (default: the head's own "
+                   help="the head's log_prob implementation (default: the head's own "
                         "choice; 'triton' also inside --compile)")
     g = p.add_argument_group("logging")
     for name in ("log-every", "eval-every", "checkpoint-every", "sample-every"):

@@ -407,9 +407,9 @@ def test_log_prob_backend_flag(script, tiny_npz: Path, tmp_path: Path) -> None:
         assert settings["log_prob_backend"] == "eager"
     finally:
         DLM.log_prob_backend = None
-    with pytest.raises(ValueError, match="--log-prob-backend 'lean' is not available for head"):
+    with pytest.raises(ValueError, match="--log-prob-backend 'triton' is not available for head"):
         script.main(base_args(tiny_npz, tmp_path / "softmax", "--steps", "1", "--head",
-                              "softmax", "--log-prob-backend", "lean"))
+                              "softmax", "--log-prob-backend", "triton"))
 
 
 def test_log_prob_backend_flag_does_not_outlive_its_run(script) -> None:

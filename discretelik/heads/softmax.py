@@ -225,6 +225,8 @@ class DiscreteSoftmax(Head):
         super().__init__(channels, bins, in_channels, feature_groups)
         self._make_projection()
 
+    distribution_class = DiscreteSoftmaxDistribution
+
     @property
     def param_channels(self) -> int:
         """``C * bins`` logits per pixel."""
