@@ -111,6 +111,40 @@ def test_likelihood_markdown(tmp_path: Path) -> None:
     assert "- lean DLM head: mean log-likelihood" in text and "vs eager" in text
 
 
+@pytest.mark.parametrize(
+    "head, sizes, names, unit",
+    [
+        ("gaussian", "B=1, K=10, 32x32x3, 256 levels",
+         ["eager Gaussian head", "lean Gaussian head"], "x BKCHW"),
+        ("softmax", "B=1, 32x32x3, 256 levels, 256-way softmax",
+         ["port-style (baseline)", "eager softmax head", "lean softmax head"], "x logits"),
+    ],
+)
+def test_likelihood_other_heads_markdown(tmp_path: Path, head, sizes, names, unit) -> None:
+    out = tmp_path / f"likelihood-{head}.md"
+    printed = run_bench("likelihood.py", "--head", head, "--batch", "1", "--repeats", "1",
+                        "--markdown", str(out))
+    text = out.read_text()
+    assert f"--device cpu --head {head} --batch 1 --repeats 1 --markdown {out}`" in text
+    assert sizes in header_line(text)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].split(" | ")[3] == unit
+    assert f" {unit} " in next(line for line in printed.splitlines()
+                               if line.startswith("implementation "))
+    rows = md_rows(text)
+    assert [r[0] for r in rows] == names
+    for r in rows:  # the same figures the script printed, cell by cell
+        assert r[1:] in [line.split()[-7:] for line in printed.splitlines()
+                         if line.startswith(r[0] + " ")]
+        assert len(r) == 8
+    assert rows[0][-2:] == ["1.00", "1.00"]
+    assert "triton" not in text
+    for name in names:  # every row agrees with the eager head (the softmax baseline too)
+        note = next(line for line in text.splitlines() if line.startswith(f"- {name}: "))
+        assert "vs eager: |d value| " in note
+        assert float(note.split("|d value| ")[1].split(",")[0]) < 1e-3, note
+
+
 def test_sampling_markdown(tmp_path: Path) -> None:
     out = tmp_path / "sampling.md"
     printed = run_bench("sampling.py", "--size", "4", "--n", "1", "--repeats", "1",
@@ -144,6 +178,14 @@ def test_train_step_markdown(tmp_path: Path) -> None:
     assert "- loss (bits/dim) of the last timed step: eager fp32 " in text
 
 
+# likelihood.py --head: the title and unit column of its table.
+LIKELIHOOD_HEADS = {
+    "dlm": ("DLM log-likelihood", "x BKCHW"),
+    "gaussian": ("Discretized Gaussian mixture log-likelihood", "x BKCHW"),
+    "softmax": ("Softmax log-likelihood", "x logits"),
+}
+
+
 def test_performance_page_fragments_come_from_their_commands() -> None:
     includes = re.findall(r'^--8<-- "([^"]+)"$', PAGE.read_text(), flags=re.M)
     assert includes, "docs/performance.md includes no fragment"
@@ -155,6 +197,13 @@ def test_performance_page_fragments_come_from_their_commands() -> None:
         assert f"python examples/benchmarks/{script.group(1)} " in command, rel
         assert command.endswith(f"--markdown {rel}"), f"{rel}: {command}"
         assert md_rows(text), f"{rel} has no table rows"
+        if script.group(1) == "likelihood.py":  # the head the command names is the table's
+            head = re.search(r" --head (\w+)", command)
+            title, unit = LIKELIHOOD_HEADS[head.group(1) if head else "dlm"]
+            assert f"**{title}, forward + backward, on " in text, rel
+            assert text.split("\n| ", 1)[1].split(" | ")[3] == unit, rel
+    fragments = {f"docs/performance/{p.name}" for p in (ROOT / "docs" / "performance").glob("*.md")}
+    assert sorted(includes) == sorted(fragments), "each fragment is included once, nothing else"
 
 
 def test_performance_page_describes_every_train_step_mode() -> None:

@@ -1,8 +1,11 @@
-"""Time and memory of the discretized logistic mixture log-likelihood, forward + backward.
+"""Time and memory of a head's log-likelihood (DLM, Gaussian, softmax), forward + backward.
 
-For one batch of 32x32 RGB images with 256 levels and a 10-component DLM (``P = 100`` raw
-parameter channels), each implementation computes the mean log-likelihood of the batch and its
-gradient with respect to the raw parameters ``(B, P, H, W)``:
+For one batch of 32x32 RGB images with 256 levels, each implementation computes the mean
+log-likelihood of the batch and its gradient with respect to the head's parameters
+``(B, P, H, W)``. ``--head`` picks the head (default ``dlm``).
+
+``--head dlm``: a 10-component discretized logistic mixture (``P = 100`` raw parameter
+channels); the rows:
 
 * ``port-style (baseline)``: written here from the formula in the way of the popular PyTorch
   port of openai/pixel-cnn's ``discretized_mix_logistic_loss``: NHWC layout, every
@@ -15,9 +18,35 @@ gradient with respect to the raw parameters ``(B, P, H, W)``:
 * ``lean DLM head``: the default path on CPU, ``discretelik.heads._fused_dlm``: one autograd
   node that saves only the raw parameters, the levels and one ``(B, C, H, W)`` tensor, and
   loops over the components in forward and (recomputing the bin masses) twice in backward;
-* ``triton DLM head`` (CUDA only): the default path on CUDA, ``discretelik.heads._triton_dlm``:
-  the lean path's math as two Triton kernels, one program per block of pixels, the component
-  loop in registers. Skipped (with a note) on CPU, where Triton would only interpret it.
+* ``triton DLM head`` (CUDA only): ``log_prob_backend = "triton"``,
+  ``discretelik.heads._triton_dlm``: the lean path's math as two Triton kernels, one program per
+  block of pixels, the component loop in registers (opt-in: not the CUDA default until it has
+  run on a GPU, ``DEFAULT_ON_CUDA``). Skipped (with a note) on CPU, where Triton would only
+  interpret it.
+
+``--head gaussian``: a 10-component discretized Gaussian mixture with coupled channels, the same
+``P = 100`` layout; the rows, the first the base of the ratios:
+
+* ``eager Gaussian head``: ``DiscretizedGaussianDistribution.log_prob`` on its eager reference
+  path (``log_prob_backend = "eager"``; the default on CUDA);
+* ``lean Gaussian head``: ``log_prob_backend = "lean"`` (the default on CPU for ``K > 1``),
+  ``discretelik.heads._lean_mixture``: one autograd node that saves only the raw parameters,
+  the levels and one ``(B, C, H, W)`` tensor, loops over the components and recomputes each
+  one's bin masses under autograd in backward.
+
+``--head softmax``: a 256-way softmax per sub-pixel, ``P = 3 x 256 = 768`` logits in the head's
+channel-major layout (``C`` blocks of 256); the rows:
+
+* ``port-style (baseline)``: the loss as PixelCNN ports compute it, ``F.cross_entropy`` on the
+  logits viewed as ``(B, 256, C, H, W)`` (here a transposed view of the channel-major layout,
+  which costs the same as a plain ``view`` of level-major logits) with the integer image as
+  target, summed per image and averaged over the batch: the negative of the heads' mean
+  log-likelihood in nats, so the function returns its negative and the values agree;
+* ``eager softmax head``: ``DiscreteSoftmaxDistribution.log_prob`` with
+  ``log_prob_backend = "eager"``: the normaliser from ``exp(logits - peak)`` by plain autograd;
+* ``lean softmax head``: the default path, ``discretelik.heads._lean_softmax``: one autograd
+  node that saves only the logits, the levels and the per-sub-pixel normaliser, and whose
+  backward writes ``one_hot - softmax`` straight into the gradient.
 
 Every implementation runs in a fresh subprocess (so that nothing one leaves in the allocator
 caches is credited to the next), on the same seeded parameters and levels, once as a warm-up
@@ -42,14 +71,19 @@ and then ``--repeats`` times; the table gives
   ``torch.autograd.graph.saved_tensors_hooks`` (each storage once, the parameters and levels
   themselves excluded): the part of the memory that scales with the graph, whatever the device
   or allocator;
-* ``x BKCHW``: ``peak extra`` in units of one float ``B x K x C x H x W`` tensor, and the ratios
-  of time and peak to the baseline measured in the same run.
+* ``x BKCHW`` (DLM, Gaussian): ``peak extra`` in units of one float ``B x K x C x H x W``
+  tensor; ``x logits`` (softmax, where there is no ``K``): in units of the float32 logits
+  ``B x 768 x H x W``, i.e. of the returned gradient;
+* ``time/base``, ``peak/base``: the ratios of time and peak to the table's first row, measured
+  in the same run.
 
-The two head paths also report the largest difference of their mean log-likelihood and
-gradient from the eager path (a sanity check, not a test: ``tests/test_fused_dlm.py`` is).
+The head rows (and the softmax baseline) also report the largest difference of their mean
+log-likelihood and gradient from the head's eager path (a sanity check, not a test; the tests
+are ``tests/test_fused_dlm.py``, ``test_lean_gaussian.py`` and ``test_lean_softmax.py``).
 
     python examples/benchmarks/likelihood.py                       # CUDA if there, B = 64
     OMP_NUM_THREADS=1 python examples/benchmarks/likelihood.py --device cpu --batch 16
+    OMP_NUM_THREADS=1 python examples/benchmarks/likelihood.py --head softmax --device cpu
 
 ``--markdown PATH`` also writes the header, table and notes as a Markdown fragment (see
 ``_report.py``); ``docs/performance.md`` includes those in ``docs/performance/``.
@@ -57,12 +91,13 @@ gradient from the eager path (a sanity check, not a test: ``tests/test_fused_dlm
 Measured figures, with their command and environment, are in ``docs/performance/likelihood-*.md``
 (written by ``--markdown``), shown on ``docs/performance.md``.
 
-The lean peak is the returned gradient (``B x 100 x H x W``, 3.3 BKCHW units) plus a working
+For the DLM, the lean peak is the returned gradient (``B x 100 x H x W``, 3.3 BKCHW units) plus a working
 set of about ``45 + 2 K / 3`` ``B x C x H x W`` tensors (measured for ``K`` = 1 to 20: the
 ``K`` part is the ``B x K x H x W`` mixture weights and their gradient); it pays with 1.1x to
 1.4x the eager time on CPU (the bin masses are evaluated three times). The baseline's mean
 log-likelihood differs from the heads' in the 5th digit: its density fallback for bins of mass
-below ``1e-5``.
+below ``1e-5``. The softmax baseline gives the heads' value (its gradient to rounding): same
+formula, ``log_softmax`` inside ``cross_entropy``.
 """
 
 from __future__ import annotations
@@ -83,7 +118,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from discretelik.heads.gaussian import DiscretizedGaussianDistribution
 from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
+from discretelik.heads.softmax import DiscreteSoftmaxDistribution
 
 from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
@@ -91,6 +128,8 @@ K, C, SIZE, BINS = 10, 3, 32, 256
 P = K * (1 + 2 * C + C * (C - 1) // 2)  # 100 raw parameter channels (openai's 10 K)
 IMPLS = ["port-style (baseline)", "eager DLM head", "lean DLM head", "triton DLM head"]
 BACKENDS = {"eager DLM head": "eager", "lean DLM head": "lean", "triton DLM head": "triton"}
+GAUSSIAN_IMPLS = ["eager Gaussian head", "lean Gaussian head"]
+SOFTMAX_IMPLS = ["port-style (baseline)", "eager softmax head", "lean softmax head"]
 
 
 # -- the implementations: params (B, P, H, W) float, x (B, C, H, W) int64 -> mean log p -------
@@ -126,18 +165,63 @@ def port_style(params: Tensor, x: Tensor) -> Tensor:
     return torch.logsumexp(log_probs, dim=-1).sum(dim=(1, 2)).mean()
 
 
-def head(backend: str) -> Callable[[Tensor, Tensor], Tensor]:
+def softmax_port_style(logits: Tensor, x: Tensor) -> Tensor:
+    """The PixelCNN ports' softmax loss: ``F.cross_entropy`` on ``(B, 256, C, H, W)`` logits.
+
+    The head's layout is channel-major (``C`` blocks of 256), so the logits are viewed as
+    ``(B, C, 256, H, W)`` and transposed (a view; a port whose last layer writes level-major
+    logits uses ``view(B, 256, C, H, W)`` instead, at the same cost). The per-sub-pixel cross
+    entropy in nats is summed per image and averaged over the batch, as the ports do; that is the
+    negative of the head's mean log-likelihood, which is returned.
+    """
+    b, _, h, w = logits.shape
+    scores = logits.view(b, C, BINS, h, w).transpose(1, 2)  # (B, 256, C, H, W)
+    return -F.cross_entropy(scores, x, reduction="none").sum(dim=(1, 2, 3)).mean()
+
+
+def head(backend: str, kind: str = "dlm") -> Callable[[Tensor, Tensor], Tensor]:
     def run(params: Tensor, x: Tensor) -> Tensor:
-        dist = DiscretizedLogisticMixtureDistribution(
-            params, channels=C, mixtures=K, bins=BINS, validate_args=False
-        )
+        if kind == "softmax":
+            dist = DiscreteSoftmaxDistribution(params, C, BINS, validate_args=False)
+        else:
+            cls = DiscretizedLogisticMixtureDistribution if kind == "dlm" \
+                else DiscretizedGaussianDistribution
+            dist = cls(params, channels=C, mixtures=K, bins=BINS, validate_args=False)
         dist.log_prob_backend = backend
         return dist.log_prob(x).mean()
 
     return run
 
 
-FUNCTIONS = {IMPLS[0]: port_style, **{name: head(b) for name, b in BACKENDS.items()}}
+# Per ``--head``: the rows (the first is the base of the ratios), their functions, the raw
+# parameter channels, the unit column's name and bytes per image, and the table's title.
+HEADS = {
+    "dlm": {
+        "impls": IMPLS,
+        "functions": {IMPLS[0]: port_style, **{n: head(b) for n, b in BACKENDS.items()}},
+        "channels": P,
+        "unit": ("x BKCHW", K * C * SIZE * SIZE * 4, "one float32 B x K x C x H x W tensor"),
+        "title": "DLM log-likelihood",
+    },
+    "gaussian": {
+        "impls": GAUSSIAN_IMPLS,
+        "functions": {n: head(n.split()[0], "gaussian") for n in GAUSSIAN_IMPLS},
+        "channels": P,
+        "unit": ("x BKCHW", K * C * SIZE * SIZE * 4, "one float32 B x K x C x H x W tensor"),
+        "title": "Discretized Gaussian mixture log-likelihood",
+    },
+    "softmax": {
+        "impls": SOFTMAX_IMPLS,
+        "functions": {
+            SOFTMAX_IMPLS[0]: softmax_port_style,
+            **{n: head(n.split()[0], "softmax") for n in SOFTMAX_IMPLS[1:]},
+        },
+        "channels": C * BINS,
+        "unit": ("x logits", C * BINS * SIZE * SIZE * 4,
+                 f"one float32 logits tensor B x {C * BINS} x H x W"),
+        "title": "Softmax log-likelihood",
+    },
+}
 
 
 # -- measurement (one implementation per process) ---------------------------------------------
@@ -186,10 +270,11 @@ def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    params = torch.randn(args.batch, P, SIZE, SIZE, generator=gen).to(device)
+    spec = HEADS[args.head]
+    params = torch.randn(args.batch, spec["channels"], SIZE, SIZE, generator=gen).to(device)
     params.requires_grad_(True)
     x = torch.randint(0, BINS, (args.batch, C, SIZE, SIZE), generator=gen).to(device)
-    fn = FUNCTIONS[args.worker]
+    fn = spec["functions"][args.worker]
 
     def step() -> tuple[Tensor, Tensor]:
         value = fn(params, x)
@@ -203,7 +288,7 @@ def worker(args: argparse.Namespace) -> dict:
     value, grad = step()  # warm-up: lazy initialisation, thread pools, kernels
     out = {"value": value.item()}
     if args.reference:  # compare with the eager head on the same inputs
-        ref_value, ref_grad = step_with(head("eager"), params, x)
+        ref_value, ref_grad = step_with(head("eager", args.head), params, x)
         out["diff_value"] = abs(value.item() - ref_value)
         out["diff_grad"] = (grad - ref_grad).abs().max().item() / ref_grad.abs().max().item()
         del ref_grad
@@ -261,14 +346,18 @@ def step_with(fn, params: Tensor, x: Tensor) -> tuple[float, Tensor]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--head", choices=list(HEADS), default="dlm",
+                   help="which head's log-likelihood to measure (default: dlm)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, help="images B (default: 64 on CUDA, 16 on CPU)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per implementation")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: 1)")
     p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
-    p.add_argument("--worker", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker is not None and args.worker not in HEADS[args.head]["impls"]:
+        p.error(f"--worker {args.worker!r} is not a row of --head {args.head}")
     if args.batch is None:
         args.batch = 64 if torch.device(args.device).type == "cuda" else 16
     return args
@@ -286,23 +375,33 @@ def main(argv: list[str] | None = None) -> None:
     else:
         where = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
     print(f"device: {device} ({where}); torch {torch.__version__}")
-    sizes = f"B={args.batch}, K={K}, {SIZE}x{SIZE}x{C}, {BINS} levels"
+    spec = HEADS[args.head]
+    if args.head == "softmax":
+        sizes = f"B={args.batch}, {SIZE}x{SIZE}x{C}, {BINS} levels, {BINS}-way softmax"
+        what = f"logits ({spec['channels']} channels)"
+    else:
+        sizes = f"B={args.batch}, K={K}, {SIZE}x{SIZE}x{C}, {BINS} levels"
+        what = f"raw params ({spec['channels']} channels)"
     print(
         f"{sizes}; forward + backward of the "
-        f"mean log-likelihood w.r.t. raw params ({P} channels); median of {args.repeats}\n"
+        f"mean log-likelihood w.r.t. {what}; median of {args.repeats}\n"
     )
-    bkchw = args.batch * K * C * SIZE * SIZE * 4  # one float32 B x K x C x H x W tensor
-    base = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch)]
-    base += ["--repeats", str(args.repeats), "--threads", str(args.threads)]
+    unit_column, unit_bytes, unit_name = spec["unit"]
+    unit_bytes *= args.batch  # the unit column's tensor, for this batch
+    base = [sys.executable, __file__, "--head", args.head, "--device", args.device]
+    base += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
+    base += ["--threads", str(args.threads)]
     rows = {}
     notes = []
-    for name in IMPLS:
+    for name in spec["impls"]:
         if name == "triton DLM head" and device.type != "cuda":
             note = f"{name}: skipped (needs CUDA; on CPU Triton only interprets the kernels)"
             print(note)
             notes.append(note)
             continue
-        cmd = base + ["--worker", name] + (["--reference"] if "DLM" in name else [])
+        # Compared with the eager head: every head row, and the softmax baseline (same values).
+        reference = "head" in name or args.head == "softmax"
+        cmd = base + ["--worker", name] + (["--reference"] if reference else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
             print(f"{name}: failed\n{done.stderr}")
@@ -314,29 +413,33 @@ def main(argv: list[str] | None = None) -> None:
     def mb(n: float | None) -> str:
         return "n/a" if n is None else f"{n / 2**20:.1f}"
 
-    columns = ["implementation", "time ms", "peak extra MB", "x BKCHW", "peak RSS MB",
+    columns = ["implementation", "time ms", "peak extra MB", unit_column, "peak RSS MB",
                "saved MB", "time/base", "peak/base"]
-    widths = [24, 8, 14, 8, 12, 9, 10, 10]
+    widths = [24, 8, 14, max(8, len(unit_column) + 1), 12, 9, 10, 10]
     header = " ".join(
         f"{c:{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(columns, widths))
     )
     print(header)
     print("-" * len(header))
-    ref = rows.get(IMPLS[0])
+    ref = rows.get(spec["impls"][0])
     table = []
     for name, r in rows.items():
         t_ratio = f"{r['time'] / ref['time']:.2f}" if ref else "n/a"
         p_ratio = f"{r['peak'] / ref['peak']:.2f}" if ref and r["peak"] and ref["peak"] else "n/a"
-        units = "n/a" if r["peak"] is None else f"{r['peak'] / bkchw:.1f}"
+        units = "n/a" if r["peak"] is None else f"{r['peak'] / unit_bytes:.1f}"
         cells = [name, f"{1e3 * r['time']:.1f}", mb(r["peak"]), units, mb(r["rss"]),
                  mb(r["saved"]), t_ratio, p_ratio]
         table.append(cells)
         print(" ".join(
             f"{c:{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(cells, widths))
         ))
-    unit = f"one float32 B x K x C x H x W tensor = {mb(bkchw)} MB"
+    unit = f"{unit_name} = {mb(unit_bytes)} MB"
     print(f"\n{unit}")
     notes.append(unit)
+    if args.head == "gaussian":
+        line = f"time/base, peak/base: against the {spec['impls'][0]}"
+        print(line)
+        notes.append(line)
     for name, r in rows.items():
         extra = ""
         if "diff_value" in r:
@@ -352,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         write_markdown(
             args.markdown,
             run,
-            title=f"DLM log-likelihood, forward + backward, on {device.type}",
+            title=f"{spec['title']}, forward + backward, on {device.type}",
             header=run.header(args.threads, sizes, f"median of {args.repeats}"),
             table=markdown_table(columns, table, "l" + "r" * (len(columns) - 1)),
             notes=notes,
