@@ -29,6 +29,21 @@ from discretelik.heads.logistic import (
 EXTREMES = torch.tensor([-1e4, -1e3, -30.0, -7.5, -1.0, 0.0, 0.5, 7.0, 30.0, 1e3, 1e4])
 
 
+def extreme_case(channels: int, mixtures: int, bins: int, coupling: bool, n: int):
+    """``3 n`` images of 1x2 pixels: ``n`` with raw parameters drawn from ``EXTREMES``, ``n``
+    uniform in ``[-1e4, 1e4]`` and ``n`` typical (``N(0, 4)``), at levels ``0, 1, bins // 2,
+    bins - 2, bins - 1``; seeded by ``bins`` and ``channels``. Returns ``(params, x)``."""
+    p = MixtureLayout(channels, mixtures, coupling).param_channels
+    gen = torch.Generator().manual_seed(10 * bins + channels)
+    pick = EXTREMES[torch.randint(0, len(EXTREMES), (n, p, 1, 2), generator=gen)]
+    uniform = (torch.rand(n, p, 1, 2, generator=gen) * 2 - 1) * 1e4
+    typical = torch.randn(n, p, 1, 2, generator=gen) * 2
+    params = torch.cat([pick, uniform, typical])
+    levels = torch.tensor([0, 1, bins // 2, bins - 2, bins - 1]).clamp(0, bins - 1)
+    x = levels[torch.randint(0, 5, (3 * n, channels, 1, 2), generator=gen)]
+    return params, x
+
+
 @pytest.fixture(params=["one component per step", "all components at once"])
 def steps(request, monkeypatch) -> None:
     """Run a test with one component per loop step, and with the small-input default, which
@@ -114,15 +129,7 @@ def test_gradcheck(
 def test_float32_extreme_parameters(channels: int, bins: int, coupling: bool, steps) -> None:
     """Random and extreme (+-1e4) raw parameters at edge and near-edge bins."""
     k = 3
-    p = MixtureLayout(channels, k, coupling).param_channels
-    gen = torch.Generator().manual_seed(10 * bins + channels)
-    n = 12
-    pick = EXTREMES[torch.randint(0, len(EXTREMES), (n, p, 1, 2), generator=gen)]
-    uniform = (torch.rand(n, p, 1, 2, generator=gen) * 2 - 1) * 1e4
-    typical = torch.randn(n, p, 1, 2, generator=gen) * 2
-    params = torch.cat([pick, uniform, typical])
-    levels = torch.tensor([0, 1, bins // 2, bins - 2, bins - 1]).clamp(0, bins - 1)
-    x = levels[torch.randint(0, 5, (3 * n, channels, 1, 2), generator=gen)]
+    params, x = extreme_case(channels, k, bins, coupling, n=12)
     weights = torch.ones(x.shape)
     kw = dict(channels=channels, mixtures=k, bins=bins, coupling=coupling)
     value, grad = value_and_grad(params, x, weights, True, **kw)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fused_dlm import EXTREMES, _LargestOutput, case
+from test_fused_dlm import _LargestOutput, case, extreme_case
 
 from discretelik.heads import _lean_mixture
 from discretelik.heads._lean_mixture import lean_elementwise_log_prob
@@ -101,15 +101,7 @@ def test_gradcheck(
 def test_float32_extreme_parameters(channels: int, bins: int, coupling: bool, steps) -> None:
     """Random and extreme (+-1e4) raw parameters at edge and near-edge bins."""
     k = 3
-    p = MixtureLayout(channels, k, coupling).param_channels
-    gen = torch.Generator().manual_seed(10 * bins + channels)
-    n = 12
-    pick = EXTREMES[torch.randint(0, len(EXTREMES), (n, p, 1, 2), generator=gen)]
-    uniform = (torch.rand(n, p, 1, 2, generator=gen) * 2 - 1) * 1e4
-    typical = torch.randn(n, p, 1, 2, generator=gen) * 2
-    params = torch.cat([pick, uniform, typical])
-    levels = torch.tensor([0, 1, bins // 2, bins - 2, bins - 1]).clamp(0, bins - 1)
-    x = levels[torch.randint(0, 5, (3 * n, channels, 1, 2), generator=gen)]
+    params, x = extreme_case(channels, k, bins, coupling, n=12)
     weights = torch.ones(x.shape)
     kw = dict(channels=channels, mixtures=k, bins=bins, coupling=coupling)
     value, grad = value_and_grad(params, x, weights, True, **kw)

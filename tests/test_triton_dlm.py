@@ -39,6 +39,8 @@ if os.environ.get("DISCRETELIK_REQUIRE_TRITON"):
 else:
     pytest.importorskip("triton")
 
+from test_fused_dlm import extreme_case  # noqa: E402
+
 from discretelik.heads import _triton_dlm  # noqa: E402
 from discretelik.heads._mixture import MixtureLayout  # noqa: E402
 from discretelik.heads.logistic import (  # noqa: E402
@@ -52,7 +54,6 @@ interpreted = pytest.mark.skipif(
     reason="needs a CUDA GPU or TRITON_INTERPRET=1",
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EXTREMES = torch.tensor([-1e4, -1e3, -30.0, -7.5, -1.0, 0.0, 0.5, 7.0, 30.0, 1e3, 1e4])
 
 
 def run(params, x, backend, channels, mixtures, bins, coupling, weights=None):
@@ -110,15 +111,7 @@ def test_as_accurate_as_the_float32_eager_path(channels: int, bins: int, couplin
 def test_extreme_parameters(channels: int, bins: int, coupling: bool) -> None:
     """Random and extreme (+-1e4) raw parameters at edge and near-edge bins."""
     k = 3
-    p = MixtureLayout(channels, k, coupling).param_channels
-    gen = torch.Generator().manual_seed(10 * bins + channels)
-    n = 8
-    pick = EXTREMES[torch.randint(0, len(EXTREMES), (n, p, 1, 2), generator=gen)]
-    uniform = (torch.rand(n, p, 1, 2, generator=gen) * 2 - 1) * 1e4
-    typical = torch.randn(n, p, 1, 2, generator=gen) * 2
-    params = torch.cat([pick, uniform, typical])
-    levels = torch.tensor([0, 1, bins // 2, bins - 2, bins - 1]).clamp(0, bins - 1)
-    x = levels[torch.randint(0, 5, (3 * n, channels, 1, 2), generator=gen)]
+    params, x = extreme_case(channels, k, bins, coupling, n=8)
     kw = dict(channels=channels, mixtures=k, bins=bins, coupling=coupling)
     value, grad = run(params, x, "triton", **kw)
     eager_value, _ = run(params, x, "eager", **kw)
