@@ -173,3 +173,14 @@ def test_min_log_scale_that_overflows_float32_is_rejected(name: str) -> None:
     dist = head.distribution(params)
     assert bool(dist.log_prob(torch.full((1, 1, 1, 1), 128)).isfinite().all())
     assert bool(dist.mean.isfinite().all())
+
+
+def test_mixture_mean_has_no_gradient_softmax_mean_has_one() -> None:
+    """As the docstrings say: the mixture heads' mean is computed without autograd."""
+    from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
+    from discretelik.heads.softmax import DiscreteSoftmaxDistribution
+
+    logits = torch.randn(1, 3 * 4, 2, 2, requires_grad=True)
+    assert DiscreteSoftmaxDistribution(logits, 3, 4).mean.requires_grad
+    params = torch.randn(1, 20, 2, 2, requires_grad=True)
+    assert not DiscretizedLogisticMixtureDistribution(params, mixtures=2, bins=8).mean.requires_grad

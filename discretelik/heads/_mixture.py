@@ -409,6 +409,10 @@ class LocationScaleMixtureDistribution(DiscreteImageDistribution):
         ``bins ** channels <= 2 ** 16`` (the joint of the earlier channels is enumerated);
         beyond that, channel ``c``'s location uses each component's mean of the earlier
         channels in place of their values (a plug-in approximation).
+
+        Computed without autograd (the enumeration would keep a graph over every level):
+        the result has no gradient with respect to the parameters, unlike the softmax head's
+        ``mean``.
         """
         with torch.no_grad():
             return self._mean()
