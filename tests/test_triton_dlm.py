@@ -281,6 +281,20 @@ def test_scope_limits_and_import_failure_fallback(monkeypatch) -> None:
         _triton_dlm._kernels_importable.cache_clear()
 
 
+def test_without_custom_operators_the_error_says_why(monkeypatch) -> None:
+    """Where registering the operators failed (an older torch), importing still works and an
+    explicit request names the reason."""
+    monkeypatch.setattr(_triton_dlm, "_DLM_LOG_PROB_OP", None)
+    monkeypatch.setattr(_triton_dlm, "_REGISTRATION_ERROR", RuntimeError("no custom_op here"))
+    params = torch.randn(1, 20, 2, 2)
+    x = torch.randint(0, 8, (1, 3, 2, 2))
+    assert not _triton_dlm.use_triton(params, x)
+    d = DiscretizedLogisticMixtureDistribution(params, mixtures=2, bins=8)
+    d.log_prob_backend = "triton"
+    with pytest.raises(ValueError, match="custom operators unavailable \\(no custom_op here\\)"):
+        d.log_prob(x)
+
+
 def test_default_backend_on_cpu_is_lean() -> None:
     params = torch.randn(1, 20, 2, 2, requires_grad=True)
     x = torch.randint(0, 8, (1, 3, 2, 2))

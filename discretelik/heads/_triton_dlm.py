@@ -180,7 +180,9 @@ def triton_elementwise_log_prob(
             "an importable triton; "
             f"got params {params.dtype} {tuple(params.shape)} on {params.device}, value "
             f"{tuple(value.shape)}, bins {bins}, triton "
-            f"{'found' if triton_available() else 'missing'}"
+            f"{'found' if _TRITON_FOUND else 'missing'}"
+            + ("" if _DLM_LOG_PROB_OP is not None else
+               f", custom operators unavailable ({_REGISTRATION_ERROR or 'torch < 2.4'})")
         )
     out, _top = _DLM_LOG_PROB_OP(
         params, value, layout.channels, layout.mixtures, layout.coupling, bins,
@@ -265,7 +267,14 @@ def _register_ops() -> Any:
     if custom_op is None:
         return None
 
-    @custom_op("discretelik::dlm_log_prob", mutates_args=())
+    # Explicit schemas: inferring them from annotations depends on the torch version (these
+    # annotations are strings here, ``from __future__ import annotations``).
+    @custom_op(
+        "discretelik::dlm_log_prob",
+        mutates_args=(),
+        schema="(Tensor params, Tensor value, int channels, int mixtures, bool coupling, "
+        "int bins, float min_log_scale) -> (Tensor, Tensor)",
+    )
     def forward_op(
         params: Tensor, value: Tensor, channels: int, mixtures: int, coupling: bool, bins: int,
         min_log_scale: float,
@@ -277,7 +286,12 @@ def _register_ops() -> Any:
         out = value.new_empty(value.shape, dtype=torch.float32)
         return out, torch.empty_like(out)
 
-    @custom_op("discretelik::dlm_log_prob_backward", mutates_args=())
+    @custom_op(
+        "discretelik::dlm_log_prob_backward",
+        mutates_args=(),
+        schema="(Tensor params, Tensor value, Tensor top, Tensor grad, int channels, "
+        "int mixtures, bool coupling, int bins, float min_log_scale) -> Tensor",
+    )
     def backward_op(
         params: Tensor, value: Tensor, top: Tensor, grad: Tensor, channels: int, mixtures: int,
         coupling: bool, bins: int, min_log_scale: float,
@@ -305,4 +319,8 @@ def _register_ops() -> Any:
     return forward_op
 
 
-_DLM_LOG_PROB_OP = _register_ops()
+try:
+    _DLM_LOG_PROB_OP = _register_ops()
+    _REGISTRATION_ERROR: Exception | None = None
+except Exception as error:  # noqa: BLE001  (an API change must not break importing the package)
+    _DLM_LOG_PROB_OP, _REGISTRATION_ERROR = None, error
