@@ -203,19 +203,30 @@ def _launch_args_constants(layout: MixtureLayout) -> dict[str, Any]:
     )
 
 
-def _launch_args(params: Tensor, layout: MixtureLayout) -> tuple[tuple[int, ...], dict, int]:
-    """Grid, launch constants and pixel count for ``params`` ``batch + (P, H, W)``."""
-    n_pixels = params[..., 0, :, :].numel()
-    grid = (max(1, -(-n_pixels // _BLOCK)),)
-    constants = _launch_args_constants(layout)
-    if not _interpreting():
-        constants["num_warps"] = _NUM_WARPS
-    return grid, constants, n_pixels
-
-
 def _on_device(t: Tensor) -> Any:
     """Make ``t``'s GPU the current one: Triton launches on the current CUDA device."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(
+    kernel: str, params: Tensor, value: Tensor, buffers: tuple[Tensor, ...],
+    layout: MixtureLayout, bins: int, min_log_scale: float,
+) -> None:  # fmt: skip
+    """Run ``kernel`` (a name in the kernel module) over every pixel of contiguous ``params``
+    ``batch + (P, H, W)``: its arguments are ``params, value, offset table, *buffers``, then
+    the sizes, ``bins - 1``, the clamp and the compile-time constants."""
+    n_pixels = params[..., 0, :, :].numel()
+    if n_pixels == 0:
+        return
+    constants = _launch_args_constants(layout)
+    if not _interpreting():
+        constants["num_warps"] = _NUM_WARPS
+    with _on_device(params):
+        getattr(_kernels(), kernel)[(-(-n_pixels // _BLOCK),)](
+            params, value, _offset_table(layout, params.device), *buffers,
+            n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3],
+            float(bins - 1), float(min_log_scale), **constants,
+        )  # fmt: skip
 
 
 def _run_forward(
@@ -223,19 +234,12 @@ def _run_forward(
     min_log_scale: float,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel: ``(out, top)``, float32 of ``value``'s shape."""
-    layout = MixtureLayout(channels, mixtures, coupling)
-    params = params.contiguous()
-    value = value.contiguous()
     out = torch.empty(value.shape, dtype=torch.float32, device=params.device)
     top = torch.empty_like(out)
-    grid, constants, n_pixels = _launch_args(params, layout)
-    if n_pixels > 0:
-        with _on_device(params):
-            _kernels().dlm_forward_kernel[grid](
-                params, value, _offset_table(layout, params.device), out, top,
-                n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3],
-                float(bins - 1), float(min_log_scale), **constants,
-            )  # fmt: skip
+    _launch(
+        "dlm_forward_kernel", params.contiguous(), value.contiguous(), (out, top),
+        MixtureLayout(channels, mixtures, coupling), bins, min_log_scale,
+    )  # fmt: skip
     return out, top
 
 
@@ -244,18 +248,12 @@ def _run_backward(
     coupling: bool, bins: int, min_log_scale: float,
 ) -> Tensor:  # fmt: skip
     """Launch the backward kernel: the gradient, float32 of ``params``' shape (contiguous)."""
-    layout = MixtureLayout(channels, mixtures, coupling)
-    params = params.contiguous()
     out = torch.empty(params.shape, dtype=torch.float32, device=params.device)
-    grid, constants, n_pixels = _launch_args(params, layout)
-    if n_pixels > 0:
-        with _on_device(params):
-            _kernels().dlm_backward_kernel[grid](
-                params, value.contiguous(), _offset_table(layout, params.device),
-                top.contiguous(), grad.contiguous(), out,
-                n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3],
-                float(bins - 1), float(min_log_scale), **constants,
-            )  # fmt: skip
+    _launch(
+        "dlm_backward_kernel", params.contiguous(), value.contiguous(),
+        (top.contiguous(), grad.contiguous(), out),
+        MixtureLayout(channels, mixtures, coupling), bins, min_log_scale,
+    )  # fmt: skip
     return out
 
 
