@@ -23,6 +23,7 @@ from .heads.logistic import DiscretizedLogisticMixture, DiscretizedLogisticMixtu
 from .heads.softmax import DiscreteSoftmax, DiscreteSoftmaxDistribution
 from .metrics import bits_per_dim
 from .model import AutoregressiveModel, build
+from .pretrained import load_port_pixelcnn_pp
 from .registry import (
     backbone_config,
     backbone_presets,
@@ -74,6 +75,7 @@ __all__ = [
     "get_head",
     "list_backbones",
     "list_heads",
+    "load_port_pixelcnn_pp",
     "register_backbone",
     "register_head",
     "sample_raster",
