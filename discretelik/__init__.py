@@ -23,7 +23,7 @@ from .heads.logistic import DiscretizedLogisticMixture, DiscretizedLogisticMixtu
 from .heads.softmax import DiscreteSoftmax, DiscreteSoftmaxDistribution
 from .metrics import bits_per_dim
 from .model import AutoregressiveModel, build
-from .pretrained import load_port_pixelcnn_pp
+from .pretrained import load_port_pixelcnn_pp, port_pixelcnn_pp_shapes
 from .registry import (
     backbone_config,
     backbone_presets,
@@ -76,6 +76,7 @@ __all__ = [
     "list_backbones",
     "list_heads",
     "load_port_pixelcnn_pp",
+    "port_pixelcnn_pp_shapes",
     "register_backbone",
     "register_head",
     "sample_raster",

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .model import AutoregressiveModel, build
 from .nn.weight_norm import is_weight_normed
 
-__all__ = ["load_port_pixelcnn_pp"]
+__all__ = ["load_port_pixelcnn_pp", "port_pixelcnn_pp_shapes"]
 
 # Head options the port fixes: a user value would silently change the model.
 _FIXED_HEAD_OPTIONS = frozenset({"mixtures", "coupling", "min_log_scale", "channels", "bins"})
@@ -60,6 +60,7 @@ def load_port_pixelcnn_pp(
     input_channels: int = 3,
     dropout: float = 0.5,
     head_kwargs: Mapping[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
 ) -> AutoregressiveModel:
     """Our PixelCNN++ with the weights of a pclucas14/pixel-cnn-pp ``PixelCNN``.
 
@@ -84,11 +85,14 @@ def load_port_pixelcnn_pp(
             0.5 over whole channels). No effect in evaluation mode.
         head_kwargs: Further options of the head (e.g. its log-likelihood backend); the
             mixture options come from the port and cannot be set here.
+        map_location: Device of the returned model, e.g. ``"cpu"`` or ``"cuda"``.
 
     Returns:
         An [`AutoregressiveModel`][discretelik.AutoregressiveModel] over 256-level images
-        ``(B, input_channels, H, W)`` (``H``, ``W`` multiples of 4), float32 on the CPU, in
-        evaluation mode (call ``.train()`` to fine-tune).
+        ``(B, input_channels, H, W)`` (``H``, ``W`` multiples of 4), float32 on
+        ``map_location``, in evaluation mode (call ``.train()`` to fine-tune). Its
+        ``build_spec`` is set as for any model of ``build``, so checkpoints of further
+        training reload with ``AutoregressiveModel.from_checkpoint``.
 
     Raises:
         TypeError: ``state_dict`` is not a mapping or a path, a key is not a string or a value
@@ -137,7 +141,52 @@ def load_port_pixelcnn_pp(
             f"state_dict has {len(unexpected)} unexpected key(s) for a port PixelCNN with "
             f"{sizes}: {_preview(unexpected)}"
         )
-    return model.eval()
+    return model.to(map_location).eval()
+
+
+def port_pixelcnn_pp_shapes(
+    *,
+    nr_resnet: int = 5,
+    nr_filters: int = 160,
+    nr_logistic_mix: int = 10,
+    input_channels: int = 3,
+) -> dict[str, tuple[int, ...]]:
+    """The keys and tensor shapes of a pclucas14/pixel-cnn-pp ``PixelCNN`` state dict.
+
+    What [`load_port_pixelcnn_pp`][discretelik.load_port_pixelcnn_pp] expects for these sizes
+    (every layer weight-normalised, as in the port's current code, without the
+    ``nn.DataParallel`` prefix): compare with the keys of a file that does not load.
+
+    Args:
+        nr_resnet: The port's ``--nr_resnet``.
+        nr_filters: The port's ``--nr_filters``.
+        nr_logistic_mix: The port's ``--nr_logistic_mix``.
+        input_channels: 3 or 1.
+
+    Returns:
+        ``{name: shape}`` in the order of the network's layers, e.g.
+        ``"u_init.conv.weight_v": (160, 4, 2, 3)``.
+
+    Example:
+        >>> shapes = port_pixelcnn_pp_shapes(nr_resnet=1, nr_filters=8, nr_logistic_mix=2)
+        >>> shapes["upsize_u_stream.0.deconv.weight_g"]  # one g per *input* channel
+        (8, 1, 1, 1)
+    """
+    if isinstance(input_channels, bool) or input_channels not in (1, 3):
+        raise ValueError(f"input_channels must be 1 or 3, got {input_channels!r}")
+    model = build(
+        "pixelcnn++", "dlm", channels=input_channels, nr_filters=nr_filters,
+        nr_resnet=nr_resnet, dropout=0.0, head_kwargs={"mixtures": nr_logistic_mix},
+    )
+    shapes: dict[str, tuple[int, ...]] = {}
+    layers = [(p, m, k) for p, m, k in _layer_map(model)]
+    layers.append(("nin_out.lin_a", model.head.proj, "linear"))
+    for prefix, module, kind in layers:
+        w = _port_weight_shape(module, kind)
+        shapes[f"{prefix}.weight_g"] = (w[0],) + (1,) * (len(w) - 1)
+        shapes[f"{prefix}.weight_v"] = w
+        shapes[f"{prefix}.bias"] = (module.bias.shape[0],)
+    return shapes
 
 
 def _as_state_dict(state_dict: object) -> dict[str, Tensor]:

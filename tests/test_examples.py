@@ -23,6 +23,7 @@ EXPECTED = {
     "vqvae_prior.py": "sampled codes (2, 1, 7, 7) -> images (2, 1, 28, 28) torch.int64",
     "plugins.py": "causality: ok",
     "choosing_a_head.py": "| head | bit depth | test bits/dim |",
+    "pretrained.py": "samples: shape (2, 3, 8, 8), dtype torch.int64",
 }
 
 

@@ -343,3 +343,14 @@ def test_port_weight_norm_convention_is_what_the_converter_assumes() -> None:
     assert deconv.weight_g.shape == (3, 1, 1, 1) and deconv.weight_v.shape == (3, 5, 2, 3)
     lin = _wn(nn.Linear(4, 6))
     assert lin.weight_g.shape == (6, 1) and lin.weight_v.shape == (6, 4)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_listed_shapes_are_the_ports_state_dict(channels: int) -> None:
+    port = random_port(channels).state_dict()
+    listed = dl.port_pixelcnn_pp_shapes(input_channels=channels, **SIZES)
+    assert listed == {k: tuple(v.shape) for k, v in port.items()}
+    # A stand-in of those shapes loads (what the guide script does without the real file).
+    stand_in = {k: torch.randn(shape) for k, shape in listed.items()}
+    model = dl.load_port_pixelcnn_pp(stand_in, input_channels=channels, map_location="cpu", **SIZES)
+    assert model.params(images(channels, n=2)).shape == (2, (10 if channels == 3 else 3) * 2, 8, 8)
