@@ -82,3 +82,23 @@ def check_trailing_shape(value: Tensor, expected: Sequence[int], name: str, layo
         raise ValueError(
             f"{name} must have trailing shape {expected} {layout}, got shape {tuple(value.shape)}"
         )
+
+
+def check_finite(value: Tensor, name: str) -> None:
+    """Check that float ``value`` holds no NaN or infinity (this synchronises on GPU).
+
+    The message counts the offending entries and gives the first one's index, without printing
+    the tensor (a parameter map can hold millions of values).
+    """
+    finite = torch.isfinite(value)
+    if bool(finite.all()):
+        return
+    bad = ~finite
+    n_nan = int(torch.isnan(value).sum())
+    n_inf = int(bad.sum()) - n_nan
+    first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+    raise ValueError(
+        f"{name} must be finite, got {n_nan} NaN and {n_inf} infinite values out of "
+        f"{value.numel()} (shape {tuple(value.shape)}; the first at index {first}: "
+        f"{float(value[first])})"
+    )

@@ -8,13 +8,15 @@ feature maps into such a distribution through an optional 1x1 projection.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
 from .._checks import (
+    check_finite,
     check_float_dtype,
     check_int,
     check_integer_dtype,
@@ -23,6 +25,7 @@ from .._checks import (
     check_tensor,
     check_trailing_shape,
 )
+from .backend import AUTO, LogProbBackend, check_backend_name, resolve_backend
 
 __all__ = ["DiscreteImageDistribution", "Head"]
 
@@ -37,24 +40,53 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
     levels of shape ``sample_shape + batch_shape + (C, H, W)``. The math always runs in float32
     or wider (bf16/fp16 parameters are promoted to float32).
 
-    Subclasses implement [`elementwise_log_prob`][discretelik.DiscreteImageDistribution.elementwise_log_prob]
-    (through ``_elementwise_log_prob``), ``_sample`` and ``mean``. A head with more than one
-    implementation of the log-likelihood lists them in the class tuple ``log_prob_backends``
-    (here ``(None, "eager")``), picks its default in ``_default_backend`` and dispatches on
-    ``_resolve_backend()``, which checks ``log_prob_backend`` (set on the class, or on one
-    instance, which ``expand`` keeps) and returns ``"eager"`` while ``torch.compile`` traces
-    unless ``"triton"`` was asked for.
+    **Validation.** With ``validate_args`` on (``None`` follows ``torch.distributions``' global
+    default, which is on), the constructor rejects non-finite parameters (NaN or +-inf) with a
+    ``ValueError`` that counts them and gives the first one's index, and ``log_prob`` rejects
+    levels outside ``[0, bins - 1]``. With it off nothing reads the tensors' contents (no GPU
+    synchronisation): a NaN parameter then gives NaN log-probabilities, an infinite one gives
+    undefined results (NaN or a meaningless finite number), and ``sample`` may return any level
+    for the affected sub-pixels. Types and shapes are always checked.
+
+    **Log-likelihood implementations.** ``log_prob_backend`` picks one of the family's entries
+    in ``log_prob_backends`` (a table of
+    [`LogProbBackend`][discretelik.heads.backend.LogProbBackend]), or ``"auto"`` for the
+    family's choice by device, dtype and compilation. All of a family's implementations are
+    translations of its one formula and agree up to rounding; only ``"eager"`` is twice
+    differentiable. While ``torch.compile`` traces, an implementation that cannot be traced is
+    answered by ``"eager"``.
+
+    **Methods that a discrete image distribution does not provide** raise
+    ``NotImplementedError`` with the reason and what to use instead: ``rsample`` (no
+    reparameterisation of integer levels), ``cdf`` and ``icdf`` (images are not ordered),
+    ``enumerate_support`` (``bins ** (C H W)`` values), and, where the family has no exact
+    closed form, ``entropy`` (estimate it from samples).
+
+    Subclasses implement ``param_channels_for``, ``_sample`` and ``mean``, and either list their
+    implementations in ``log_prob_backends`` (the base class dispatches) or override
+    ``_elementwise_log_prob`` directly (a plugin with a single implementation).
 
     Args:
         params: Raw head parameters, float tensor ``batch_shape + (P, H, W)``.
         channels: Number of image channels ``C``.
         bins: Number of levels per sub-pixel (``>= 2``).
         validate_args: As in ``torch.distributions``: ``None`` follows the global default.
+        log_prob_backend: ``"auto"`` or a name in ``log_prob_backends``.
+
+    Raises:
+        TypeError: ``params`` is not a float tensor, or ``log_prob_backend`` not a string.
+        ValueError: ``params`` has the wrong shape, or (with validation on) non-finite values;
+            ``log_prob_backend`` is not one of the family's names.
     """
 
     arg_constraints = {"params": constraints.real}
     has_rsample = False
     has_enumerate_support = False
+    #: The family's log-likelihood implementations by name (an immutable class table).
+    log_prob_backends: ClassVar[Mapping[str, LogProbBackend]] = MappingProxyType(
+        {"eager": LogProbBackend("eager", lambda dist, value: dist._eager_log_prob(value),
+                                 twice_differentiable=True)}
+    )
 
     def __init__(
         self,
@@ -62,6 +94,7 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
         channels: int,
         bins: int,
         validate_args: bool | None = None,
+        log_prob_backend: str = AUTO,
     ) -> None:
         check_tensor(params, "params")
         check_float_dtype(params, "params")
@@ -71,12 +104,20 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
             )
         self.channels = check_int(channels, "channels", 1)
         self.bins = check_int(bins, "bins", 2)
+        self.log_prob_backend = check_backend_name(
+            log_prob_backend, self.log_prob_backends, type(self).__name__
+        )
         expected = self.param_channels_for()
         if params.shape[-3] != expected:
             raise ValueError(
                 f"params must have {expected} channels (dimension -3) for "
                 f"{type(self).__name__}({self._describe()}), got shape {tuple(params.shape)}"
             )
+        validate = Distribution._validate_args if validate_args is None else validate_args
+        if validate and not torch.compiler.is_compiling():
+            # Our own check instead of torch's constraint check, whose message prints the whole
+            # tensor and which lets +-inf through (``constraints.real`` only rejects NaN).
+            check_finite(params, "params")
         if params.dtype in (torch.float16, torch.bfloat16):
             # Likelihoods are computed in float32 even under autocast (documented promotion).
             params = params.float()
@@ -85,21 +126,32 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
         super().__init__(
             batch_shape=params.shape[:-3],
             event_shape=torch.Size((channels, height, width)),
-            validate_args=validate_args,
+            validate_args=False,  # the parameters were checked above
         )
+        self._validate_args = bool(validate)
 
     # -- to implement ----------------------------------------------------------------------
     @abc.abstractmethod
     def param_channels_for(self) -> int:
         """Number of parameter channels ``P`` this configuration needs."""
 
-    @abc.abstractmethod
     def _elementwise_log_prob(self, value: Tensor) -> Tensor:
         """Log-probability per sub-pixel for validated ``int64`` ``value``.
 
-        ``value`` has shape ``sample_shape + batch_shape + (C, H, W)``; return float32 (or wider)
-        of the same shape.
+        ``value`` has shape ``sample_shape + batch_shape + (C, H, W)``; returns float32 (or
+        wider) of the same shape. Dispatches to the implementation ``log_prob_backend`` picks.
         """
+        return resolve_backend(self, value, self._auto_backend).compute(self, value)
+
+    def _eager_log_prob(self, value: Tensor) -> Tensor:
+        """The reference implementation (plain autograd); families with a table override it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _elementwise_log_prob (or _eager_log_prob)"
+        )
+
+    def _auto_backend(self, value: Tensor) -> str:
+        """The implementation ``"auto"`` picks for this call (a name in the table)."""
+        return "eager"
 
     @abc.abstractmethod
     def _sample(self, sample_shape: torch.Size, generator: torch.Generator | None) -> Tensor:
@@ -110,38 +162,83 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
 
     def _init_kwargs(self) -> dict[str, Any]:
         """Keyword arguments (besides ``params``) that rebuild this distribution."""
-        return {"channels": self.channels, "bins": self.bins}
+        return {
+            "channels": self.channels,
+            "bins": self.bins,
+            "log_prob_backend": self.log_prob_backend,
+        }
 
-    # -- which implementation computes log_prob --------------------------------------------
-    # A head documents its choices (``log_prob_backend`` in its docstring's Attributes), lists
-    # them in ``log_prob_backends`` and picks its default in ``_default_backend``; its
-    # ``_elementwise_log_prob`` dispatches on ``_resolve_backend``. Set ``log_prob_backend`` on
-    # the class (every instance) or on one instance (kept by ``expand``).
-    log_prob_backend: str | None = None
-    log_prob_backends: ClassVar[tuple[str | None, ...]] = (None, "eager")
+    # -- what a discrete image distribution does not provide --------------------------------
+    def _not_provided(self, what: str, why: str) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__}.{what} is not provided: {why}")
 
-    def _default_backend(self, value: Tensor) -> str:
-        """The backend used when ``log_prob_backend`` is ``None``."""
-        return "eager"
-
-    def _resolve_backend(self, value: Tensor) -> str:
-        """``log_prob_backend`` checked and resolved: the head's default for ``None``;
-        while ``torch.compile`` traces, ``"eager"`` unless ``"triton"`` was asked for (the
-        compiler fuses the eager graph itself and traces plain ops more reliably than a custom
-        autograd.Function with a Python loop; the Triton kernels are registered operators that
-        a compiled graph calls as they are).
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+        """Not provided: integer levels have no reparameterisation.
 
         Raises:
-            ValueError: ``log_prob_backend`` is not one of ``log_prob_backends``.
+            NotImplementedError: Always; use ``sample`` with a score-function (REINFORCE) or a
+                straight-through estimator.
         """
-        backend = self.log_prob_backend
-        if backend not in self.log_prob_backends:
-            raise ValueError(
-                f"log_prob_backend must be one of {self.log_prob_backends}, got {backend!r}"
-            )
-        if torch.compiler.is_compiling():
-            return "triton" if backend == "triton" else "eager"
-        return self._default_backend(value) if backend is None else backend
+        raise self._not_provided(
+            "rsample",
+            "integer levels have no reparameterised (differentiable) draw; use sample() with "
+            "a score-function or straight-through gradient estimator",
+        )
+
+    def cdf(self, value: Tensor) -> Tensor:
+        """Not provided: images (vectors of sub-pixels) have no total order.
+
+        Raises:
+            NotImplementedError: Always; use ``elementwise_log_prob`` (per sub-pixel
+                conditionals).
+        """
+        raise self._not_provided(
+            "cdf",
+            "a CDF needs a total order and images are vectors of sub-pixels; use "
+            "elementwise_log_prob for the per-sub-pixel conditionals",
+        )
+
+    def icdf(self, value: Tensor) -> Tensor:
+        """Not provided: images have no total order (see ``cdf``).
+
+        Raises:
+            NotImplementedError: Always; use ``sample``.
+        """
+        raise self._not_provided(
+            "icdf", "images are vectors of sub-pixels with no total order; use sample()"
+        )
+
+    def enumerate_support(self, expand: bool = True) -> Tensor:
+        """Not provided: the support has ``bins ** (C H W)`` images.
+
+        Raises:
+            NotImplementedError: Always; ``discretelik.testing.enumerate_levels`` lists the
+                ``bins ** C`` values of one pixel.
+        """
+        raise self._not_provided(
+            "enumerate_support",
+            f"the support holds bins ** (C H W) = {self.bins} ** {self.event_shape.numel()} "
+            "images; discretelik.testing.enumerate_levels(channels, bins) lists the values of "
+            "one pixel",
+        )
+
+    def entropy(self) -> Tensor:
+        """Not provided where the family has no exact closed form (the mixtures).
+
+        Raises:
+            NotImplementedError: Estimate it as ``-dist.log_prob(dist.sample((n,))).mean(0)``.
+        """
+        raise self._not_provided(
+            "entropy",
+            "it has no closed form for this family; estimate it from samples as "
+            "-dist.log_prob(dist.sample((n,))).mean(0)",
+        )
+
+    @property
+    def stddev(self) -> Tensor:
+        """Standard deviation of every sub-pixel: ``variance.sqrt()``, float
+        ``batch_shape + (C, H, W)`` in levels."""
+        return self.variance.sqrt()
 
     # -- torch.distributions contract ------------------------------------------------------
     @constraints.dependent_property(is_discrete=True, event_dim=3)
@@ -151,12 +248,11 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
     def expand(self, batch_shape: Any, _instance: Any = None) -> "DiscreteImageDistribution":
         batch_shape = torch.Size(batch_shape)
         params = self.params.expand(batch_shape + self.params.shape[-3:])
-        new = type(self)(params, validate_args=False, **self._init_kwargs())._with_validation(
+        # The implementation choice travels in _init_kwargs; validation is carried over as a
+        # flag (the parameters were already checked).
+        return type(self)(params, validate_args=False, **self._init_kwargs())._with_validation(
             self._validate_args
         )
-        if "log_prob_backend" in vars(self):  # a per-instance choice survives expand
-            new.log_prob_backend = self.log_prob_backend
-        return new
 
     def _with_validation(self, flag: bool) -> "DiscreteImageDistribution":
         self._validate_args = flag
@@ -263,14 +359,23 @@ class Head(nn.Module, abc.ABC):
     block of features. That is how a backbone with R -> G -> B sub-pixel masks keeps its
     ordering through the head.
 
+    ``log_prob_backend`` chooses the implementation of the log-likelihood of every
+    distribution the head makes (see
+    [`DiscreteImageDistribution`][discretelik.DiscreteImageDistribution]); it is an ordinary
+    instance attribute, validated when set, so ``head.log_prob_backend = "eager"`` switches one
+    head and nothing else.
+
     Args:
         channels: Image channels ``C``.
         bins: Levels per sub-pixel.
         in_channels: Feature channels ``F`` of the projection, or ``None`` for no projection.
         feature_groups: ``1``, or ``channels`` for heads with ``supports_channel_groups``.
+        log_prob_backend: ``"auto"`` (the family's choice per call) or a name in
+            ``distribution_class.log_prob_backends``.
     """
 
     supports_channel_groups: ClassVar[bool] = False
+    distribution_class: ClassVar[type[DiscreteImageDistribution]]
 
     def __init__(
         self,
@@ -278,8 +383,10 @@ class Head(nn.Module, abc.ABC):
         bins: int,
         in_channels: int | None = None,
         feature_groups: int = 1,
+        log_prob_backend: str = AUTO,
     ) -> None:
         super().__init__()
+        self.log_prob_backend = log_prob_backend
         self.channels = check_int(channels, "channels", 1)
         self.bins = check_int(bins, "bins", 2)
         self.in_channels = None if in_channels is None else check_int(in_channels, "in_channels", 1)
@@ -300,6 +407,16 @@ class Head(nn.Module, abc.ABC):
                     f"got in_channels={in_channels}"
                 )
         self.proj: nn.Conv2d | None = None
+
+    @property
+    def log_prob_backend(self) -> str:
+        """``"auto"`` or the name of the implementation that computes ``log_prob``."""
+        return self._log_prob_backend
+
+    @log_prob_backend.setter
+    def log_prob_backend(self, name: str) -> None:
+        table = getattr(self, "distribution_class", DiscreteImageDistribution).log_prob_backends
+        self._log_prob_backend = check_backend_name(name, table, type(self).__name__)
 
     def _make_projection(self) -> None:
         """Create the 1x1 projection; call at the end of a subclass ``__init__``."""
@@ -341,4 +458,7 @@ class Head(nn.Module, abc.ABC):
         return self.distribution(self.params(features))
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, bins={self.bins}, in_channels={self.in_channels}"
+        return (
+            f"channels={self.channels}, bins={self.bins}, in_channels={self.in_channels}, "
+            f"log_prob_backend={self.log_prob_backend!r}"
+        )

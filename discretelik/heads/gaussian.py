@@ -8,78 +8,14 @@ VAEs on integer images.
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
 
 from ..registry import register_head
-from ._lean_mixture import lean_elementwise_log_prob
-from ._mixture import LocationScaleMixtureDistribution, MixtureHead
+from .backend import AUTO
+from .mixture.distribution import LocationScaleMixtureDistribution, MixtureHead
+from .mixture.gaussian import Gaussian
 
 __all__ = ["DiscretizedGaussian", "DiscretizedGaussianDistribution"]
-
-_LOG2 = math.log(2.0)
-_SQRT2 = math.sqrt(2.0)
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-# Bins narrower than this, h (1 + |m|) < 0.05, use the midpoint series below; its first omitted
-# term is below 1e-13 relative there, and wider bins leave Phi(a)/Phi(b) far enough from 1 for
-# log(-expm1(.)) to keep ~full precision.
-_SERIES_LIMIT = 0.05
-
-
-def _log_ndtr_left(x: Tensor) -> Tensor:
-    """``log Phi(x)`` for ``x <= 0`` as ``log(erfcx(-x / sqrt 2) / 2) - x^2 / 2``.
-
-    Unlike ``torch.special.log_ndtr``, whose backward loses all precision in the far left tail
-    (it returns ~0.4 instead of ~1e7 at ``x = -1e7`` in float32), this gives the gradient
-    ``-x + O(1/x)`` accurately.
-    """
-    return torch.log(torch.special.erfcx(-x / _SQRT2)) - _LOG2 - 0.5 * x * x
-
-
-def _log_ndtr(x: Tensor) -> Tensor:
-    """``log Phi(x)`` with accurate value and gradient for every finite ``x``."""
-    left = x <= 0
-    zero = torch.zeros_like(x)
-    # Each branch sees only inputs on its own side, so neither produces inf/nan gradients.
-    log_left = _log_ndtr_left(torch.where(left, x, zero))
-    log_right = torch.log1p(-0.5 * torch.special.erfc(torch.where(left, zero, x) / _SQRT2))
-    return torch.where(left, log_left, log_right)
-
-
-def _log_bin_series(m: Tensor, h: Tensor, log_h: Tensor) -> Tensor:
-    """``log(Phi(m + h) - Phi(m - h))`` for narrow bins, by expanding around the midpoint.
-
-    ``(Phi(m+h) - Phi(m-h)) / (2 h phi(m)) = sum_{n even} He_n(m) h^n / (n+1)!`` with the
-    Hermite polynomials ``He_n``; written in ``t = h m`` and ``q = h^2`` so that huge ``m`` with
-    tiny ``h`` cannot overflow.
-    """
-    t, q = h * m, h * h
-    t2 = t * t
-    series = (
-        (t2 - q) / 6.0
-        + (t2 * t2 - 6.0 * t2 * q + 3.0 * q * q) / 120.0
-        + (t2 * t2 * t2 - 15.0 * t2 * t2 * q + 45.0 * t2 * q * q - 15.0 * q * q * q) / 5040.0
-    )
-    return _LOG2 + log_h - 0.5 * m * m - _HALF_LOG_2PI + torch.log1p(series)
-
-
-def _log_bin_wide(a: Tensor, b: Tensor, h: Tensor) -> Tensor:
-    """``log(Phi(a) - Phi(b))`` for a bin ``[b, a]`` with ``a + b <= 0`` that is not narrow.
-
-    ``log Phi(a) + log(1 - Phi(b) / Phi(a))``. While ``a <= 0`` the log-ratio is
-    ``r(b) - r(a) + h (a + b)`` with ``r(x) = log Phi(x) + x^2 / 2`` (a slowly varying
-    ``log erfcx``) and ``(a^2 - b^2) / 2 = h (a + b)``: no cancelling of two huge ``-x^2 / 2``.
-    """
-    tail = a <= 0
-    a_left = torch.where(tail, a, torch.zeros_like(a))
-
-    def r(x: Tensor) -> Tensor:
-        return torch.log(torch.special.erfcx(-x / _SQRT2)) - _LOG2
-
-    log_ratio = torch.where(tail, r(b) - r(a_left) + h * (a + b), _log_ndtr(b) - _log_ndtr(a))
-    return _log_ndtr(a) + torch.log(-torch.expm1(log_ratio))
 
 
 class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
@@ -146,14 +82,28 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
 
     !!! note "Numerics"
         Everything is in log space and finite, with finite gradients, for any finite
-        parameters whose log-mass is representable: beyond standardised edges of about
-        $\pm 2.6 \cdot 10^{19}$ (float32) $-u^2/2$ itself overflows to $-\infty$.
-        $\log\Phi$ is computed as $\log(\mathrm{erfcx}(-u/\sqrt2)/2) - u^2/2$ on the
-        left, which also keeps its gradient exact far in the tail. A middle bin is reflected to
-        the left half ($\Phi(a) - \Phi(b) = \Phi(-b) - \Phi(-a)$), then computed either by a
-        midpoint series in $h = \delta/s$ (narrow bins, including near-flat components whose
-        $h$ underflows) or as $\log\Phi(a) + \log(1 - \Phi(b)/\Phi(a))$ with the ratio taken in
-        log space.
+        parameters. $\log\Phi$ is computed as $\log(\mathrm{erfcx}(-u/\sqrt2)/2) - u^2/2$ on
+        the left, which also keeps its gradient exact far in the tail. A middle bin is
+        reflected to the left half, then computed either by a midpoint series in $h = \delta/s$
+        (narrow bins, including near-flat components whose $h$ underflows) or as
+        $\log\Phi(a) + \log(1 - \Phi(b)/\Phi(a))$ with the ratio taken in log space. A bin
+        lying wholly beyond $\pm 2^{50}$ standardised units is moved in to that limit, keeping
+        its width: its log-mass is then about $-2^{99} \approx -6 \cdot 10^{29}$ instead of
+        overflowing. The formula is written once, in ``discretelik/heads/mixture/formula.py``
+        and ``mixture/gaussian.py``.
+
+    **Implementations** (``log_prob_backend``; both give the same values and gradients up to
+    rounding):
+
+    - ``"eager"``: the formula under plain autograd, all components at once; twice
+      differentiable, but it saves many ``sample_shape + batch_shape + (K, C, H, W)``
+      temporaries for backward;
+    - ``"lean"``: one autograd node that loops over the components in forward and backward
+      and keeps no ``K``-fold temporaries; backward recomputes each component's masses
+      through the same formula under autograd (any device, float32/64);
+    - ``"auto"`` (default): ``"lean"`` on CPU with ``K > 1`` components, else ``"eager"``
+      (on a GPU the lean path's many small kernels would be launch-bound; with one component
+      there is no ``K``-fold tensor to avoid). While ``torch.compile`` traces, ``"eager"``.
 
     Args:
         params: Raw parameters, float ``batch_shape + (P, H, W)`` (bf16/fp16 promoted to
@@ -164,34 +114,15 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
         coupling: Couple each channel's location on the earlier channels of the pixel.
         min_log_scale: Lower clamp $\ell_{\min}$ of the log-stds (``>= -80``).
         validate_args: As in ``torch.distributions``.
+        log_prob_backend: ``"auto"``, ``"eager"`` or ``"lean"`` (above).
 
     Raises:
         TypeError: A non-float ``params`` or wrongly typed option.
         ValueError: ``params`` without ``P`` channels, or an out-of-range option (and
-            ``log_prob`` with an unknown ``log_prob_backend``).
-
-    Attributes:
-        log_prob_backend: Which implementation computes ``log_prob`` (both give the same values
-            and gradients up to rounding; set it on the class or on one instance):
-
-            - ``"eager"``: the reference path, all components at once with plain autograd;
-              twice differentiable, but it builds and saves many
-              ``sample_shape + batch_shape + (K, C, H, W)`` temporaries;
-            - ``"lean"``: one autograd node (``discretelik.heads._lean_mixture``) that loops over
-              the components and keeps no ``K``-fold temporaries (any device, float32/64): it
-              saves only ``params``, the levels and one ``sample_shape + batch_shape +
-              (C, H, W)`` tensor, and backward recomputes one component's bin masses at a time
-              under autograd (a few at a time for small inputs). It evaluates the bin masses
-              three times: on one CPU thread at ``K = 10`` about 1.7x the eager time for a sixth
-              of the peak memory;
-            - ``None`` (default): ``"lean"`` on CPU with ``K > 1`` components, else ``"eager"``
-              (on a GPU the lean path's many small kernels would be launch-bound; with one
-              component there is no ``K``-fold tensor to avoid, and the lean path's
-              recomputation would cost about twice the time for no lower peak). Under
-              ``torch.compile`` the eager path is always used.
-
-            The lean path is not twice differentiable.
+            non-finite ``params`` with validation on).
     """
+
+    family = Gaussian
 
     def __init__(
         self,
@@ -202,58 +133,18 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
         coupling: bool = True,
         min_log_scale: float = -7.0,
         validate_args: bool | None = None,
+        log_prob_backend: str = AUTO,
     ) -> None:
-        super().__init__(params, channels, mixtures, bins, coupling, min_log_scale, validate_args)
+        super().__init__(
+            params, channels, mixtures, bins, coupling, min_log_scale, validate_args,
+            log_prob_backend,
+        )  # fmt: skip
 
-    log_prob_backends = (None, "eager", "lean")
-
-    def _default_backend(self, value: Tensor) -> str:
-        # With one component the lean path saves nothing (measured on CPU, B=16: 2.3x the
-        # eager time and a higher peak), so it is the default only for mixtures.
+    def _auto_backend(self, value: Tensor) -> str:
+        # With one component the lean path saves nothing and recomputes, so it is the default
+        # only for mixtures.
         lean = self.params.device.type == "cpu" and self.mixtures > 1
         return "lean" if lean else "eager"
-
-    def _elementwise_log_prob(self, value: Tensor) -> Tensor:
-        if self._resolve_backend(value) == "lean":
-            return lean_elementwise_log_prob(
-                self.params, value, type(self), self.layout, self.bins, self.min_log_scale
-            )
-        return super()._elementwise_log_prob(value)
-
-    @staticmethod
-    def _log_cdf(z: Tensor) -> Tensor:
-        return _log_ndtr(z)
-
-    @staticmethod
-    def _log_sf(z: Tensor) -> Tensor:
-        return _log_ndtr(-z)
-
-    @staticmethod
-    def _log_interval(upper: Tensor, lower: Tensor, h: Tensor, log_h: Tensor) -> Tensor:
-        # Symmetry: Phi(a) - Phi(b) = Phi(-b) - Phi(-a); fold the bin to the left half, where
-        # both CDFs are small and their ratio can be formed in log space.
-        flip = upper + lower > 0
-        a, b = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
-        m = 0.5 * (a + b)
-        narrow = h * (1.0 - m) < _SERIES_LIMIT
-        # Double ``where``: each formula gets harmless inputs where it is not used, so its
-        # (discarded) gradient there is finite and cannot turn into nan.
-        zero = torch.zeros_like(m)
-        series = _log_bin_series(
-            torch.where(narrow, m, zero),
-            torch.where(narrow, h, zero),
-            torch.where(narrow, log_h, zero),
-        )
-        wide = _log_bin_wide(
-            torch.where(narrow, zero, a),
-            torch.where(narrow, zero - 2.0, b),
-            torch.where(narrow, zero + 1.0, h),
-        )
-        return torch.where(narrow, series, wide)
-
-    @staticmethod
-    def _icdf(u: Tensor) -> Tensor:
-        return torch.special.ndtri(u)
 
 
 @register_head("gaussian", aliases=("discretized_gaussian",))
@@ -276,6 +167,8 @@ class DiscretizedGaussian(MixtureHead):
         min_log_scale: Lower clamp of the log-stds (``>= -80``).
         feature_groups: Must be 1: the channels of a pixel share one mixture component, so
             the head cannot read per-channel feature blocks.
+        log_prob_backend: ``"auto"``, ``"eager"`` or ``"lean"`` (see
+            [`DiscretizedGaussianDistribution`][discretelik.DiscretizedGaussianDistribution]).
 
     Raises:
         TypeError: An option of the wrong type (the message names it).
@@ -299,7 +192,9 @@ class DiscretizedGaussian(MixtureHead):
         in_channels: int | None = None,
         min_log_scale: float = -7.0,
         feature_groups: int = 1,
+        log_prob_backend: str = AUTO,
     ) -> None:
         super().__init__(
-            channels, mixtures, bins, coupling, in_channels, min_log_scale, feature_groups
-        )
+            channels, mixtures, bins, coupling, in_channels, min_log_scale, feature_groups,
+            log_prob_backend,
+        )  # fmt: skip

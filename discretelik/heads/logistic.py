@@ -15,40 +15,26 @@ likelihood conditions on.
 
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import register_head
-from ._fused_dlm import fused_elementwise_log_prob
-from ._mixture import LocationScaleMixtureDistribution, MixtureHead
-from ._triton_dlm import triton_elementwise_log_prob, triton_is_default
+from .backend import AUTO, LogProbBackend
+from .mixture.distribution import LocationScaleMixtureDistribution, MixtureHead, mixture_backends
+from .mixture.logistic import Logistic
+from .mixture.triton import triton_elementwise_log_prob, triton_is_default, triton_unsupported
 
 __all__ = ["DiscretizedLogisticMixture", "DiscretizedLogisticMixtureDistribution"]
 
-_LOG2 = math.log(2.0)
-# Below this log half-width, log(sinh(h)) == log(h) to double precision (h^2 / 6 < 1e-18).
-_TINY_LOG_HALF_WIDTH = -20.0
-# Bins whose lower edge is further than this into the right tail (standardised) use the sinh
-# form even when wide: log sigmoid of the edges would underflow to 0 a little further out.
-_FAR_TAIL = 40.0
+
+def _triton(dist: "DiscretizedLogisticMixtureDistribution", value: Tensor) -> Tensor:
+    return triton_elementwise_log_prob(
+        dist.params, value, dist.layout, dist.bins, dist.min_log_scale
+    )
 
 
-def _log_cosh(y: Tensor) -> Tensor:
-    """``log(cosh(y))`` without overflow: ``|y| + log1p(exp(-2|y|)) - log 2``."""
-    a = y.abs()
-    return a + torch.log1p(torch.exp(-2.0 * a)) - _LOG2
-
-
-def _log_sinh(h: Tensor, log_h: Tensor) -> Tensor:
-    """``log(sinh(h))`` for ``h > 0``, also when ``h`` itself underflows (then ``log_h``)."""
-    tiny = log_h < _TINY_LOG_HALF_WIDTH
-    safe = torch.where(tiny, torch.ones_like(h), h)  # keeps the unused branch's gradient finite
-    # sinh(h) = exp(h) (1 - exp(-2h)) / 2, and -expm1 keeps full precision for small h.
-    regular = safe + torch.log(-torch.expm1(-2.0 * safe)) - _LOG2
-    return torch.where(tiny, log_h, regular)
+TRITON = LogProbBackend(
+    "triton", _triton, unsupported=lambda dist, value: triton_unsupported(dist.params, value, dist.bins)
+)
 
 
 class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
@@ -121,7 +107,29 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
         parameters: the edges use $\log\sigma(u)$ (log-sigmoid), and the middle bins the exact
         identity $\sigma(a) - \sigma(b) = \sinh(\tfrac{a-b}{2}) / (2\cosh\tfrac a2 \cosh\tfrac b2)$
         with the half-width $(a-b)/2 = \delta/s$ taken from the log-scale, so tiny masses far in
-        a tail and near-flat components (huge scale) keep full relative precision.
+        a tail and near-flat components (huge scale) keep full relative precision. A bin lying
+        wholly beyond $\pm 2^{100}$ standardised units (a location far outside the data range
+        with a tiny scale) is moved in to that limit, keeping its width: its log-mass is then
+        about $-2^{100} \approx -1.3 \cdot 10^{30}$ instead of overflowing, and sums over
+        images stay finite. The formula is written once, in
+        ``discretelik/heads/mixture/formula.py`` and ``mixture/logistic.py``.
+
+    **Implementations** (``log_prob_backend``; all give the same values and gradients up to
+    rounding):
+
+    - ``"eager"``: the formula under plain autograd, all components at once; twice
+      differentiable, but it saves many ``sample_shape + batch_shape + (K, C, H, W)``
+      temporaries for backward;
+    - ``"lean"``: one autograd node that loops over the components in forward and backward
+      and keeps no ``K``-fold temporaries; backward recomputes each component's masses
+      through the same formula under autograd (any device, float32/64);
+    - ``"triton"``: two Triton kernels, a checked translation of the formula, one GPU program
+      per block of pixels; float32 on CUDA, levels without sample dimensions;
+    - ``"auto"`` (default): ``"triton"`` for float32 on a CUDA GPU of compute capability 7.5
+      or newer with an importable Triton (otherwise one warning and the PyTorch paths),
+      ``"lean"`` on CPU, ``"eager"`` elsewhere. While ``torch.compile`` traces, ``"lean"`` is
+      answered by ``"eager"`` (the compiler fuses it); the Triton kernels are registered
+      ``torch.library`` operators, which a compiled graph calls without a graph break.
 
     Args:
         params: Raw parameters, float ``batch_shape + (P, H, W)`` (bf16/fp16 promoted to
@@ -132,84 +140,21 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
         coupling: Couple each channel's location on the earlier channels of the pixel.
         min_log_scale: Lower clamp $\ell_{\min}$ of the log-scales (``>= -80``).
         validate_args: As in ``torch.distributions``.
+        log_prob_backend: ``"auto"``, ``"eager"``, ``"lean"`` or ``"triton"`` (above).
 
     Raises:
         TypeError: A non-float ``params`` or wrongly typed option.
-        ValueError: ``params`` without ``P`` channels, or an out-of-range option.
-
-    Attributes:
-        log_prob_backend: Which implementation computes ``log_prob`` (all give the same values
-            and gradients up to rounding; set it on the class or on one instance):
-
-            - ``"eager"``: the reference path, all components at once with plain autograd;
-              twice differentiable, but it builds and saves many
-              ``batch_shape + (K, C, H, W)`` temporaries;
-            - ``"lean"``: one autograd node (``discretelik.heads._fused_dlm``) that loops over
-              the components and keeps no ``K``-fold temporaries (any device, float32/64);
-            - ``"triton"``: two Triton kernels (``discretelik.heads._triton_dlm``) with the
-              lean path's math, one GPU program per block of pixels; float32 on CUDA, levels
-              without sample dimensions;
-            - ``None`` (default): ``"lean"`` on CPU and ``"eager"`` on a GPU (where the lean
-              path's many small kernels would be launch-bound). The Triton kernels are
-              opt-in for now: they are checked in Triton's CPU interpreter and compiled for
-              sm_90 but have not yet run on a GPU. Once they have,
-              ``discretelik.heads._triton_dlm.DEFAULT_ON_CUDA`` makes them the CUDA default
-              where they apply (float32, no sample dimensions, compute capability 7.5 or
-              newer, Triton importable: otherwise a warning once). Under ``torch.compile`` the
-              eager path is used (the compiler fuses it) unless ``"triton"`` is set
-              explicitly: the kernels are registered ``torch.library`` operators, which a
-              compiled graph calls without a graph break.
-
-            The lean and Triton paths are not twice differentiable.
+        ValueError: ``params`` without ``P`` channels, non-finite ``params`` (with
+            validation on), or an out-of-range option.
     """
 
-    log_prob_backends = (None, "eager", "lean", "triton")
+    family = Logistic
+    log_prob_backends = mixture_backends(TRITON)
 
-    def _default_backend(self, value: Tensor) -> str:
+    def _auto_backend(self, value: Tensor) -> str:
         if triton_is_default(self.params, value, self.bins):
             return "triton"
         return "lean" if self.params.device.type == "cpu" else "eager"
-
-    def _elementwise_log_prob(self, value: Tensor) -> Tensor:
-        backend = self._resolve_backend(value)
-        if backend == "triton":
-            return triton_elementwise_log_prob(
-                self.params, value, self.layout, self.bins, self.min_log_scale
-            )
-        if backend == "lean":
-            return fused_elementwise_log_prob(
-                self.params, value, self.layout, self.bins, self.min_log_scale
-            )
-        return super()._elementwise_log_prob(value)
-
-    @staticmethod
-    def _log_cdf(z: Tensor) -> Tensor:
-        return F.logsigmoid(z)
-
-    @staticmethod
-    def _log_sf(z: Tensor) -> Tensor:
-        return F.logsigmoid(-z)
-
-    @staticmethod
-    def _log_interval(upper: Tensor, lower: Tensor, h: Tensor, log_h: Tensor) -> Tensor:
-        # Symmetry: sigma(a) - sigma(b) = sigma(-b) - sigma(-a); fold the bin to the right half.
-        flip = upper + lower < 0
-        a, b = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
-        # Wide bins not far in the tail: log sigma(a) + log(1 - sigma(b) / sigma(a)). There the
-        # sinh form below would cancel two terms of size ~h into a result of size ~1.
-        wide = (h > 1.0) & (b < _FAR_TAIL)
-        aw = torch.where(wide, a, torch.full_like(a, 2.0))  # harmless inputs where unused
-        bw = torch.where(wide, b, torch.full_like(b, -2.0))
-        log_a = F.logsigmoid(aw)
-        log_wide = log_a + torch.log(-torch.expm1(F.logsigmoid(bw) - log_a))
-        # Elsewhere sigma(a) - sigma(b) = sinh(h) / (2 cosh(a / 2) cosh(b / 2)), h = (a - b) / 2:
-        # exact for narrow bins (even when h underflows, via log_h) and far in the tail.
-        log_narrow = _log_sinh(h, log_h) - _LOG2 - _log_cosh(a / 2) - _log_cosh(b / 2)
-        return torch.where(wide, log_wide, log_narrow)
-
-    @staticmethod
-    def _icdf(u: Tensor) -> Tensor:
-        return torch.log(u) - torch.log1p(-u)
 
 
 @register_head("dlm", aliases=("discretized_logistic_mixture",))
@@ -232,6 +177,8 @@ class DiscretizedLogisticMixture(MixtureHead):
         min_log_scale: Lower clamp of the log-scales (openai/pixel-cnn uses ``-7``; ``>= -80``).
         feature_groups: Must be 1: the channels of a pixel share one mixture component, so
             the head cannot read per-channel feature blocks.
+        log_prob_backend: ``"auto"`` or one of the implementations listed in
+            [`DiscretizedLogisticMixtureDistribution`][discretelik.DiscretizedLogisticMixtureDistribution].
 
     Raises:
         TypeError: An option of the wrong type (the message names it).
@@ -255,7 +202,9 @@ class DiscretizedLogisticMixture(MixtureHead):
         in_channels: int | None = None,
         min_log_scale: float = -7.0,
         feature_groups: int = 1,
+        log_prob_backend: str = AUTO,
     ) -> None:
         super().__init__(
-            channels, mixtures, bins, coupling, in_channels, min_log_scale, feature_groups
-        )
+            channels, mixtures, bins, coupling, in_channels, min_log_scale, feature_groups,
+            log_prob_backend,
+        )  # fmt: skip

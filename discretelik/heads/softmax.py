@@ -21,13 +21,16 @@ probabilities far below float32 resolution and reproducible from a ``torch.Gener
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..registry import register_head
-from ._lean_softmax import lean_softmax_log_prob, shifted_log_normalizer
+from .backend import AUTO, LogProbBackend
 from .base import DiscreteImageDistribution, Head
+from .softmax_lean import lean_softmax_log_prob, shifted_log_normalizer
 
 __all__ = ["DiscreteSoftmax", "DiscreteSoftmaxDistribution"]
 
@@ -47,7 +50,21 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
     $$
 
     independently over channels and pixels given the logits. ``mean`` is the real mean over
-    the ordered levels, $\sum_k k\, p(x_{c,i,j} = k)$, and ``mode`` the most likely level.
+    the ordered levels, $\sum_k k\, p(x_{c,i,j} = k)$, ``variance`` and ``stddev`` its spread
+    in levels, and ``mode`` the most likely level (the joint mode, since the sub-pixels are
+    independent given the logits); ``mean`` carries gradients. ``entropy`` is exact: the sum
+    over sub-pixels of $-\sum_k p_k \log p_k$.
+
+    **Implementations** (``log_prob_backend``; both give the same values and gradients up to
+    rounding):
+
+    - ``"eager"``: plain autograd; twice differentiable, but it saves ``exp(logits - peak)``,
+      a whole ``batch_shape + (C, bins, H, W)`` tensor, for backward, and backward adds up
+      several gradients of that size;
+    - ``"lean"``: one autograd node with the same values, which saves only the logits, the
+      levels and the per-sub-pixel log-normaliser, and whose backward writes
+      ``one_hot - softmax`` straight into the gradient (any device, float32/64);
+    - ``"auto"`` (default): ``"lean"``; ``"eager"`` while ``torch.compile`` traces.
 
     Layout of ``params``: channel-major. ``params`` has shape ``batch_shape + (C * bins, H, W)``
     and the logits of channel ``c`` are ``params[..., c * bins:(c + 1) * bins, :, :]``: ``C``
@@ -69,32 +86,16 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
         ValueError: ``params`` does not have ``C * bins`` channels in dimension ``-3``, or (with
             validation on) contains NaN (and ``log_prob`` with an unknown
             ``log_prob_backend``).
-
-    Attributes:
-        log_prob_backend: Which implementation computes ``log_prob`` (both give the same values
-            and gradients up to rounding; set it on the class or on one instance, which
-            ``expand`` keeps):
-
-            - ``"eager"``: the reference path with plain autograd; twice differentiable, but
-              it saves ``exp(logits - peak)``, a whole ``batch_shape + (C, bins, H, W)``
-              tensor, for backward, and backward adds up several gradients of that size
-              (peak memory several times the logits);
-            - ``"lean"``: one autograd node (``discretelik.heads._lean_softmax``) with the same
-              values, which saves only the logits themselves, the levels and the per-sub-pixel
-              log-normaliser ``batch_shape + (C, 1, H, W)``, and whose backward writes
-              ``one_hot - softmax`` straight into the gradient (any device, float32/64).
-              Forward + backward of the mean log-likelihood on one CPU thread (RGB, 256 bins,
-              32 x 32): peak extra memory about one gradient (1.0x the logits, against 3.0x
-              for eager at batch 16 and 4.0x at batch 64), in half the eager time at batch 16
-              and a third at batch 64;
-            - ``None`` (default): ``"lean"`` on every device (it runs a few large kernels,
-              so it should not be launch-bound on a GPU, where it has not been timed yet);
-              under ``torch.compile`` the eager path is used (the compiler fuses it).
-
-            The lean path is not twice differentiable.
     """
 
-    log_prob_backends = (None, "eager", "lean")
+    log_prob_backends = MappingProxyType({
+        "eager": LogProbBackend(
+            "eager", lambda dist, value: dist._picked(value, lean=False), twice_differentiable=True
+        ),
+        "lean": LogProbBackend(
+            "lean", lambda dist, value: dist._picked(value, lean=True), traceable=False
+        ),
+    })  # fmt: skip
 
     def __init__(
         self,
@@ -102,8 +103,9 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
         channels: int,
         bins: int,
         validate_args: bool | None = None,
+        log_prob_backend: str = AUTO,
     ) -> None:
-        super().__init__(params, channels, bins, validate_args=validate_args)
+        super().__init__(params, channels, bins, validate_args, log_prob_backend)
 
     def param_channels_for(self) -> int:
         return self.channels * self.bins
@@ -132,17 +134,17 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
         """
         return shifted_log_normalizer(logits, self._bin_slices(logits))
 
-    def _default_backend(self, value: Tensor) -> str:
+    def _auto_backend(self, value: Tensor) -> str:
         return "lean"
 
-    def _elementwise_log_prob(self, value: Tensor) -> Tensor:
+    def _picked(self, value: Tensor, lean: bool) -> Tensor:
         logits = self.logits  # batch + (C, K, H, W)
         lead = value.dim() - len(self.batch_shape) - 3
         n = math.prod(value.shape[:lead])
         # Move the draws into the bins axis so that one gather on the (unexpanded) logits picks
         # every draw's logit; the gradient then never has the sample_shape-times-larger size.
         index = value.reshape(n, *value.shape[lead:]).movedim(0, -3)  # batch + (C, n, H, W)
-        if self._resolve_backend(value) == "lean":
+        if lean:
             picked = lean_softmax_log_prob(logits, index, self._bin_slices(logits))
         else:
             peak, log_z = self._shifted_log_normalizer(logits)
@@ -170,18 +172,37 @@ class DiscreteSoftmaxDistribution(DiscreteImageDistribution):
             out[start : start + step] = torch.searchsorted(edges, target, right=True)
         return out.t().reshape(*sample_shape, *sub_shape)
 
-    @property
-    def mean(self) -> Tensor:
-        """Expected level per sub-pixel: float ``batch_shape + (C, H, W)`` in ``[0, bins - 1]``."""
+    def _expectation(self, f: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``sum_k p_k f(k, log p_k)`` per sub-pixel, ``batch_shape + (C, H, W)``, summed over
+        slices of the bins axis; ``f`` gets the levels ``(n, 1, 1)`` and ``log p``."""
         logits = self.logits
         peak, log_z = self._shifted_log_normalizer(logits)
         total = torch.zeros_like(log_z.squeeze(-3))
         for s, n in self._bin_slices(logits):
             levels = torch.arange(s, s + n, device=logits.device, dtype=logits.dtype)[:, None, None]
-            prob = ((logits.narrow(-3, s, n) - peak) - log_z).exp()
-            total = total + (prob * levels).sum(dim=-3)
+            log_p = (logits.narrow(-3, s, n) - peak) - log_z
+            total = total + (log_p.exp() * f(levels, log_p)).sum(dim=-3)
+        return total
+
+    @property
+    def mean(self) -> Tensor:
+        """Expected level per sub-pixel: float ``batch_shape + (C, H, W)`` in ``[0, bins - 1]``."""
         # The probabilities sum to 1 only up to rounding; keep the mean inside the level range.
-        return total.clamp(0, self.bins - 1)
+        return self._expectation(lambda k, log_p: k).clamp(0, self.bins - 1)
+
+    @property
+    def variance(self) -> Tensor:
+        """Variance of every sub-pixel in levels squared: float ``batch_shape + (C, H, W)``."""
+        mean = self.mean.unsqueeze(-3)
+        return self._expectation(lambda k, log_p: (k - mean) ** 2)
+
+    def entropy(self) -> Tensor:
+        """Exact entropy in nats, ``batch_shape``: the sum over the ``(C, H, W)`` independent
+        sub-pixels of ``-sum_k p_k log p_k`` (levels of probability 0 contribute 0)."""
+        per_sub_pixel = self._expectation(
+            lambda k, log_p: torch.where(log_p.isfinite(), -log_p, torch.zeros_like(log_p))
+        )
+        return per_sub_pixel.sum(dim=(-3, -2, -1))
 
     @property
     def mode(self) -> Tensor:
@@ -205,6 +226,8 @@ class DiscreteSoftmax(Head):
             channel ``c`` read only the ``c``-th of ``C`` contiguous feature blocks (keeps the
             R -> G -> B order of a channel-grouped backbone); needs ``in_channels`` divisible by
             ``channels``.
+        log_prob_backend: ``"auto"``, ``"eager"`` or ``"lean"`` (see
+            [`DiscreteSoftmaxDistribution`][discretelik.DiscreteSoftmaxDistribution]).
 
     Example:
         >>> head = DiscreteSoftmax(channels=3, bins=256, in_channels=120, feature_groups=3)
@@ -221,8 +244,9 @@ class DiscreteSoftmax(Head):
         bins: int = 256,
         in_channels: int | None = None,
         feature_groups: int = 1,
+        log_prob_backend: str = AUTO,
     ) -> None:
-        super().__init__(channels, bins, in_channels, feature_groups)
+        super().__init__(channels, bins, in_channels, feature_groups, log_prob_backend)
         self._make_projection()
 
     distribution_class = DiscreteSoftmaxDistribution
@@ -242,5 +266,5 @@ class DiscreteSoftmax(Head):
             validate_args: ``None`` follows the global ``torch.distributions`` default.
         """
         return DiscreteSoftmaxDistribution(
-            params, self.channels, self.bins, validate_args=validate_args
+            params, self.channels, self.bins, validate_args, self.log_prob_backend
         )

@@ -1,9 +1,10 @@
 r"""The discretized logistic mixture log-likelihood as two Triton kernels (CUDA).
 
-One autograd node, like the lean PyTorch path (:mod:`discretelik.heads._fused_dlm`), whose
-math and branch points it shares; the difference is where the loop over components runs:
-here inside one GPU program per block of pixels, so the component log-masses never leave
-registers. What it allocates:
+One autograd node, like the lean PyTorch path (``lean.py``): the same online mixture posterior
+over components, with the logistic formula of ``formula.py`` and ``logistic.py`` translated
+into Triton (its constants passed in from ``logistic.py``) and differentiated by hand. The
+difference is where the loop over components runs: here inside one GPU program per block of
+pixels, so the component log-masses never leave registers. What it allocates:
 
 * forward: the result and the per-channel maximum ``top`` (``B x C x H x W`` float32 each);
   autograd saves the raw parameters, the levels and ``top``;
@@ -11,7 +12,7 @@ registers. What it allocates:
   else.
 
 Scope: float32 parameters ``(B, P, H, W)`` and levels ``(B, C, H, W)`` with no leading
-``sample_shape``; ``use_triton(params, value)`` says whether a call qualifies, and the head
+``sample_shape``; ``triton_unsupported(params, value, bins)`` says why a call does not qualify, and the head
 falls back to the PyTorch paths otherwise. Not twice differentiable.
 
 The kernels also run in Triton's interpreter on CPU tensors when ``TRITON_INTERPRET=1`` is set
@@ -30,13 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._mixture import MixtureLayout
+from . import logistic
+from .layout import MixtureLayout
 
 __all__ = [
     "triton_available",
     "triton_elementwise_log_prob",
     "triton_is_default",
-    "use_triton",
+    "triton_unsupported",
 ]
 
 # Pixels per program and warps per program. Not yet timed on a GPU; chosen on register use
@@ -50,11 +52,6 @@ _MAX_BINS = 2**24 + 1
 # The oldest GPUs that the default picks the kernels on (Turing); Triton's support for older
 # ones has been dropped or limited over its releases.
 _MIN_CAPABILITY = (7, 5)
-# Whether the DLM head's default uses the kernels on CUDA at all. Off until they have run on a
-# GPU: so far they are checked in Triton's CPU interpreter and compiled for sm_90, but never
-# executed on hardware. A session with a GPU runs tests/test_triton_dlm.py (its CUDA test
-# compares against float64) and examples/benchmarks/likelihood.py, then turns this on.
-DEFAULT_ON_CUDA = False
 
 
 def _interpreting() -> bool:
@@ -70,36 +67,53 @@ def triton_available() -> bool:
     return _TRITON_FOUND and _DLM_LOG_PROB_OP is not None
 
 
-def use_triton(params: Tensor, value: Tensor, bins: int | None = None) -> bool:
-    """Whether the Triton kernels can compute this call.
+def triton_unsupported(params: Tensor, value: Tensor, bins: int) -> str | None:
+    """Why the Triton kernels cannot compute this call, or ``None`` when they can.
 
-    True for float32 ``params`` on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``)
-    with levels of the batch shape (no leading ``sample_shape``) and at most ``2^24 + 1``
-    bins (the kernels form bin edges from levels in float32, exact up to ``2^24``), when
-    Triton is found.
+    They take float32 ``params`` on a CUDA device (or on CPU under ``TRITON_INTERPRET=1``)
+    with levels of the batch shape (no leading ``sample_shape``) and at most ``2^24 + 1`` bins
+    (the kernels form bin edges from levels in float32, exact up to ``2^24``), and need an
+    importable Triton with ``torch.library.custom_op`` (torch 2.4 and later).
     """
-    on_device = params.device.type == "cuda" or (params.device.type == "cpu" and _interpreting())
-    return (
-        on_device
-        and params.dtype == torch.float32
-        and value.dim() == params.dim()
-        and params.dim() >= 3
-        and (bins is None or bins <= _MAX_BINS)
-        and triton_available()
-    )
+    if not (params.device.type == "cuda" or (params.device.type == "cpu" and _interpreting())):
+        return f"the parameters are on {params.device}, not a CUDA device"
+    if params.dtype != torch.float32:
+        return f"the parameters are {params.dtype}, not float32"
+    if value.dim() != params.dim():
+        return f"the levels {tuple(value.shape)} have sample dimensions"
+    if bins > _MAX_BINS:
+        return f"bins={bins} exceeds {_MAX_BINS} (levels are exact in float32 up to 2**24)"
+    if not _TRITON_FOUND:
+        return "triton is not installed"
+    if _DLM_LOG_PROB_OP is None:
+        return f"its custom operators are unavailable ({_REGISTRATION_ERROR or 'torch < 2.4'})"
+    return None
 
 
 def triton_is_default(params: Tensor, value: Tensor, bins: int) -> bool:
-    """Whether the DLM head's default backend is the Triton kernels for this call: only once
-    ``DEFAULT_ON_CUDA`` is on (not yet: the kernels have not run on a GPU), within
-    ``use_triton``'s scope, on a CUDA GPU of compute capability 7.5 or newer, with a Triton
-    that imports (else a warning, once, and the PyTorch paths)."""
-    return (
-        DEFAULT_ON_CUDA
-        and params.device.type == "cuda"
-        and use_triton(params, value, bins)
-        and torch.cuda.get_device_capability(params.device) >= _MIN_CAPABILITY
-        and _kernels_importable()
+    """Whether ``"auto"`` picks the Triton kernels for this call: float32 parameters on a CUDA
+    GPU of compute capability 7.5 or newer, within the kernels' scope, with a Triton whose
+    kernels import. A CUDA float32 call that misses only for want of Triton or of a new enough
+    GPU warns once (the PyTorch paths are used)."""
+    if params.device.type != "cuda" or params.dtype != torch.float32:
+        return False
+    reason = triton_unsupported(params, value, bins)
+    if reason is None and torch.cuda.get_device_capability(params.device) < _MIN_CAPABILITY:
+        reason = f"compute capability {torch.cuda.get_device_capability(params.device)} < 7.5"
+    if reason is None:
+        return _kernels_importable()
+    if value.dim() == params.dim() and bins <= _MAX_BINS:
+        _warn_once(reason)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+    warnings.warn(
+        f"the DLM head's Triton kernels are not used ({reason}); log_prob uses the PyTorch "
+        "paths",
+        RuntimeWarning,
+        stacklevel=4,
     )
 
 
@@ -171,19 +185,11 @@ def triton_elementwise_log_prob(
         float32 tensor of ``value``'s shape.
 
     Raises:
-        ValueError: ``params``/``value`` outside the kernels' scope (see ``use_triton``).
+        ValueError: ``params``/``value`` outside the kernels' scope (see ``triton_unsupported``).
     """
-    if not use_triton(params, value, bins):
-        raise ValueError(
-            "triton_elementwise_log_prob needs float32 params on a CUDA device (or CPU under "
-            "TRITON_INTERPRET=1), levels without sample dimensions, at most 2**24 + 1 bins and "
-            "an importable triton; "
-            f"got params {params.dtype} {tuple(params.shape)} on {params.device}, value "
-            f"{tuple(value.shape)}, bins {bins}, triton "
-            f"{'found' if _TRITON_FOUND else 'missing'}"
-            + ("" if _DLM_LOG_PROB_OP is not None else
-               f", custom operators unavailable ({_REGISTRATION_ERROR or 'torch < 2.4'})")
-        )
+    reason = triton_unsupported(params, value, bins)
+    if reason is not None:
+        raise ValueError(f"triton_elementwise_log_prob cannot compute this call: {reason}")
     out, _top = _DLM_LOG_PROB_OP(
         params, value, layout.channels, layout.mixtures, layout.coupling, bins,
         float(min_log_scale),
@@ -200,6 +206,11 @@ def _launch_args_constants(layout: MixtureLayout) -> dict[str, Any]:
         KP=_next_power_of_2(layout.mixtures),
         COUPLING=layout.coupling and layout.channels > 1,
         BLOCK=_BLOCK,
+        # The formula's constants, from the one place they are written.
+        WIDE_HALF_WIDTH=logistic.WIDE_HALF_WIDTH,
+        FAR_TAIL=logistic.FAR_TAIL,
+        TINY_LOG_HALF_WIDTH=logistic.TINY_LOG_HALF_WIDTH,
+        Z_LIMIT=logistic.Z_LIMIT,
     )
 
 

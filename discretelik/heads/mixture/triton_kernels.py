@@ -1,8 +1,10 @@
 r"""Triton kernels of the discretized logistic mixture log-likelihood (forward and backward).
 
-Imported only through :mod:`discretelik.heads._triton_dlm`, which checks that Triton is there.
-The math is that of :mod:`discretelik.heads._fused_dlm` (read its module docstring first), done
-per pixel inside one program instead of per component across the whole batch:
+Imported only through ``triton.py`` beside it, which checks that Triton is there. The math is
+a translation of ``formula.py`` with the ``logistic.py`` family (read them first), whose
+constants arrive as compile-time arguments (``WIDE_HALF_WIDTH``, ``FAR_TAIL``,
+``TINY_LOG_HALF_WIDTH``, ``Z_LIMIT``), and of the lean path's online posterior (``lean.py``),
+done per pixel inside one program instead of per component across the whole batch:
 
 * a program owns ``BLOCK`` pixels (flattened ``B x H x W``) and holds every per-channel
   quantity as a ``(BLOCK, CP)`` tile, ``CP`` the channel count rounded up to a power of two
@@ -22,7 +24,7 @@ the Triton that ships with older PyTorch releases and runs in Triton's CPU inter
 ``log1p``, ``expm1`` and ``tanh`` are therefore written out below in forms accurate to a few
 float32 ulps (absolute, for ``tanh``).
 
-Channel-offset table ``tab`` (int32, built by ``_triton_dlm._offset_table``):
+Channel-offset table ``tab`` (int32, built by ``triton._offset_table``):
 ``tab[c]`` and ``tab[CP + c]`` are the first parameter channels of the location and
 log-scale blocks of image channel ``c``; ``tab[2 CP + c CP + j]`` that of the coupling block
 ``alpha_{c j}`` (``j < c``), and ``-1`` where there is none. Component ``k`` of a block sits
@@ -171,14 +173,17 @@ def _component(
     centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
     n_levels, min_log_scale,
     C: tl.constexpr, CP: tl.constexpr, COUPLING: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr,
 ):  # fmt: skip
     """Log bin masses ``L_kc`` of component ``k`` at every channel, ``(BLOCK, CP)``, and
     everything the derivatives need (see ``_component_grads``).
 
-    Branches and constants are those of the eager path (``logistic.py``): open edge bins by
-    log-sigmoids; middle bins folded to the right half, then the wide form
-    ``log sigma(a) + log(1 - rho)`` where ``h > 1`` and ``b < 40``, else the ``sinh`` form with
-    the half-width ``h`` taken from the log-scale.
+    Branches and constants are those of the formula (``formula.log_bin_mass`` with
+    ``logistic.Logistic``): edges saturated at ``Z_LIMIT``; open edge bins by log-sigmoids;
+    middle bins folded to the right half, then the wide form ``log sigma(a) + log(1 - rho)``
+    where ``h > WIDE_HALF_WIDTH`` and ``b < FAR_TAIL``, else the ``sinh`` form with the
+    half-width ``h`` taken from the log-scale.
     """
     raw_ls = tl.load(params_ptr + pbase[:, None] + (scale_off + k)[None, :].to(tl.int64) * HW,
                      mask=m2, other=0.0)  # fmt: skip
@@ -202,17 +207,22 @@ def _component(
     lower = (lower_edge - mu) * inv_scale
     h = inv_scale / n_levels  # standardised half-width
     log_h = -tl.log(n_levels) - ls
+    # A bin wholly beyond +-Z_LIMIT moves in to the limit, keeping its width.
+    right = lower > Z_LIMIT
+    left = upper < -Z_LIMIT
+    upper = tl.where(right, Z_LIMIT + 2.0 * h, tl.where(left, -Z_LIMIT, upper))
+    lower = tl.where(left, -Z_LIMIT - 2.0 * h, tl.where(right, Z_LIMIT, lower))
     flip = upper + lower < 0.0
     a = tl.where(flip, -lower, upper)
     b = tl.where(flip, -upper, lower)
-    wide = (h > 1.0) & (b < 40.0)
+    wide = (h > WIDE_HALF_WIDTH) & (b < FAR_TAIL)
     aw = tl.where(wide, a, 2.0)  # harmless inputs where unused
     bw = tl.where(wide, b, -2.0)
     log_a = _log_sigmoid(aw)
     log_ratio = _log_sigmoid(bw) - log_a  # log rho, rho = sigma(b) / sigma(a) < 1
     one_minus_rho = -_expm1(log_ratio)
     log_wide = log_a + tl.log(one_minus_rho)
-    tiny = log_h < -20.0
+    tiny = log_h < TINY_LOG_HALF_WIDTH
     safe_h = tl.where(tiny, 1.0, h)
     neg_expm1 = -_expm1(-2.0 * safe_h)  # 1 - exp(-2h)
     log_sinh = tl.where(tiny, log_h, safe_h + tl.log(neg_expm1) - _LOG2)
@@ -220,7 +230,7 @@ def _component(
     middle = tl.where(wide, log_wide, log_narrow)
     log_mass = tl.where(first, _log_sigmoid(upper), tl.where(last, _log_sigmoid(-lower), middle))
     return (log_mass, raw_ls, inv_scale, upper, lower, flip, a, b, wide, aw, bw, log_ratio,
-            one_minus_rho, tiny, safe_h, neg_expm1)  # fmt: skip
+            one_minus_rho, tiny, safe_h, neg_expm1, h, right, left)  # fmt: skip
 
 
 @triton.jit
@@ -229,13 +239,16 @@ def _log_mass(
     centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
     n_levels, min_log_scale,
     C: tl.constexpr, CP: tl.constexpr, COUPLING: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr,
 ):  # fmt: skip
     """``L_kc`` alone (unpacked here rather than indexed: older Triton cannot index tuples)."""
     (log_mass, _raw_ls, _inv_scale, _upper, _lower, _flip, _a, _b, _wide, _aw, _bw,
-     _log_ratio, _one_minus_rho, _tiny, _safe_h, _neg_expm1) = _component(
+     _log_ratio, _one_minus_rho, _tiny, _safe_h, _neg_expm1, _h, _right, _left) = _component(
         params_ptr, tab_ptr, pbase, HW, m2, col, k,
         centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
         n_levels, min_log_scale, C, CP, COUPLING,
+        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
     )  # fmt: skip
     return log_mass
 
@@ -243,10 +256,25 @@ def _log_mass(
 @triton.jit
 def _component_grads(
     first, last, inv_scale, upper, lower, flip, a, b, wide, aw, bw, log_ratio,
-    one_minus_rho, tiny, safe_h, neg_expm1,
+    one_minus_rho, tiny, safe_h, neg_expm1, h, right, left,
 ):  # fmt: skip
-    """``dL/dmu`` and ``dL/dls`` (``ls`` the clamped log-scale), branch by branch; the
-    formulas are derived in ``_fused_dlm``'s module docstring."""
+    """``dL/dmu`` and ``dL/dls`` (``ls`` the clamped log-scale), branch by branch.
+
+    With standardised edges ``u = (e_+ - mu) / s`` and ``l = (e_- - mu) / s``
+    (``du/dmu = -1/s``, ``du/d log s = -u``, alike for ``l``):
+
+    * level 0, ``log sigma(u)``: ``d/du = sigma(-u)``;
+    * level ``bins - 1``, ``log sigma(-l)``: ``d/dl = -sigma(l)``;
+    * middle bins, folded to ``a = u, b = l`` (or ``a = -l, b = -u`` when ``u + l < 0``):
+      the wide form ``log sigma(a) + log(1 - rho)``, ``rho = sigma(b) / sigma(a)``, has
+      ``d/da = sigma(-a) / (1 - rho)``, ``d/db = -rho sigma(-b) / (1 - rho)``; the narrow form
+      ``log sinh(h) - log 2 - log cosh(a/2) - log cosh(b/2)`` has ``d/da = -tanh(a/2) / 2``,
+      ``d/db = -tanh(b/2) / 2`` and, through ``h = exp(-log s) / n``,
+      ``d/d log s = -h coth(h)`` (``-1`` where ``h`` is tiny and ``log sinh h = log h``);
+    * a saturated bin (``right``: ``[Z, Z + 2h]``, ``left``: ``[-Z - 2h, -Z]``) depends on the
+      log-scale only through its width: ``d u/d log s = -2h`` (right), ``d l/d log s = 2h``
+      (left), and not on ``mu``.
+    """
     d_a = tl.where(wide, _sigmoid(-aw) / one_minus_rho, -0.5 * _tanh(a / 2.0))
     d_b = tl.where(
         wide, -tl.exp(log_ratio) * _sigmoid(-bw) / one_minus_rho, -0.5 * _tanh(b / 2.0)
@@ -258,9 +286,11 @@ def _component_grads(
     d_upper = tl.where(first, _sigmoid(-upper), tl.where(last, 0.0, tl.where(flip, d_b, d_a) * sign))
     d_lower = tl.where(first, 0.0, tl.where(last, -_sigmoid(lower), tl.where(flip, d_a, d_b) * sign))
     d_ls_h = tl.where(first | last, 0.0, d_ls_h)
-    d_mu = -(d_upper + d_lower) * inv_scale
-    d_ls = d_ls_h - upper * d_upper - lower * d_lower
-    return d_mu, d_ls
+    d_mu = tl.where(right | left, 0.0, -(d_upper + d_lower) * inv_scale)
+    d_edges = tl.where(
+        right, -2.0 * h * d_upper, tl.where(left, 2.0 * h * d_lower, -upper * d_upper - lower * d_lower)
+    )
+    return d_mu, d_ls_h + d_edges
 
 
 @triton.jit
@@ -289,11 +319,13 @@ def dlm_forward_kernel(
     N, HW, P, n_levels, min_log_scale,
     C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     COUPLING: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr,
 ):  # fmt: skip
     """``out[b, c, s] = log p(x_c | x_<c)`` and ``top[b, c, s] = max_k v_kc``.
 
     ``out_c = logsumexp_k(v_kc + L_kc) - logsumexp_k(v_kc)``, both online over ``k`` with
-    ``L`` added to ``v - top`` (see ``_fused_dlm``: keeps precision when ``v ~ -1e7``).
+    ``L`` added to ``v - top`` (see ``lean.py``: keeps precision when ``v ~ -1e7``).
     """
     pmask, b, s = _pixels(tl.program_id(0), N, HW, BLOCK)
     pbase = b * P * HW + s  # params[b, 0, s]
@@ -310,6 +342,7 @@ def dlm_forward_kernel(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
+            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
         )  # fmt: skip
         v = _column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)
         new_top = tl.maximum(top, v)
@@ -332,6 +365,8 @@ def dlm_backward_kernel(
     N, HW, P, n_levels, min_log_scale,
     C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     COUPLING: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr,
 ):  # fmt: skip
     """Gradient of ``sum(grad_out * out)`` with respect to every raw parameter, written to
     ``grad`` (``B x P x H x W``, every channel of it)."""
@@ -353,6 +388,7 @@ def dlm_backward_kernel(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
+            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
         )  # fmt: skip
         centred = (_column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)) - top
         y = centred + log_mass
@@ -367,14 +403,15 @@ def dlm_backward_kernel(
     d_log_w = tl.zeros([BLOCK, KP], tl.float32)
     for k in range(K):
         (log_mass, raw_ls, inv_scale, upper, lower, flip, a, bb, wide, aw, bw, log_ratio,
-         one_minus_rho, tiny, safe_h, neg_expm1) = _component(
+         one_minus_rho, tiny, safe_h, neg_expm1, h, right, left) = _component(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
+            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
         )  # fmt: skip
         d_mu, d_ls = _component_grads(
             first, last, inv_scale, upper, lower, flip, a, bb, wide, aw, bw, log_ratio,
-            one_minus_rho, tiny, safe_h, neg_expm1,
+            one_minus_rho, tiny, safe_h, neg_expm1, h, right, left,
         )  # fmt: skip
         centred = (_column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)) - top
         y = centred + log_mass
