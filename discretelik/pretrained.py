@@ -37,7 +37,8 @@ whole channels (``nn.Dropout2d``); ours drops elements. Evaluation is unaffected
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -180,9 +180,9 @@ def port_split(out: Tensor, channels: int, k: int) -> tuple[Tensor, Tensor, Tens
 def port_log_likelihood(x: Tensor, out: Tensor, k: int) -> Tensor:
     """openai's ``discretized_mix_logistic_loss`` (as the port), negated, per image, float64.
 
-    ``x`` float ``(B, C, H, W)`` in ``[-1, 1]``; returns ``(B,)``. Also returns nothing
-    different when a bin mass is below 1e-5 (openai's centre-density fallback): the test
-    checks that this branch is not taken.
+    ``x`` float ``(B, C, H, W)`` in ``[-1, 1]``; returns ``(B,)``. Asserts that openai's
+    fallback for bin masses below 1e-5 (the density at the bin centre, where our likelihood
+    stays exact) is not taken, so that both formulas must agree.
     """
     x, out = x.double(), out.double()
     c = x.shape[1]
@@ -212,7 +212,7 @@ def port_log_likelihood(x: Tensor, out: Tensor, k: int) -> Tensor:
     return torch.logsumexp(log_probs, dim=-1).sum((1, 2))
 
 
-SIZES = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2)
+SIZES = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2}
 
 
 def random_port(channels: int, seed: int = 0) -> PortPixelCNN:
@@ -328,9 +328,9 @@ def test_bad_arguments() -> None:
     sd = random_port(3).state_dict()
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         dl.load_port_pixelcnn_pp([1, 2], **SIZES)
+    ints = dict(sd, **{"u_init.conv.bias": torch.zeros(8, dtype=torch.long)})
     with pytest.raises(TypeError, match=r"state_dict\['u_init\.conv\.bias'\] must be a floating"):
-        dl.load_port_pixelcnn_pp(dict(sd, **{"u_init.conv.bias": torch.zeros(8, dtype=torch.long)}),
-                                 **SIZES)
+        dl.load_port_pixelcnn_pp(ints, **SIZES)
     with pytest.raises(ValueError, match="input_channels must be 1 or 3"):
         dl.load_port_pixelcnn_pp(sd, input_channels=2, **SIZES)
     with pytest.raises(ValueError, match=r"head_kwargs must not set \['mixtures'\]"):

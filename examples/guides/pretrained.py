@@ -46,13 +46,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     if args.weights is None and not args.tiny:
         raise SystemExit("pass --weights PORT_FILE.pth (the port's state dict) or --tiny")
-    sizes = dict(nr_resnet=args.nr_resnet, nr_filters=args.nr_filters,
-                 nr_logistic_mix=args.nr_logistic_mix)
+    sizes = {"nr_resnet": args.nr_resnet, "nr_filters": args.nr_filters,
+             "nr_logistic_mix": args.nr_logistic_mix}
     if args.weights is not None:
         state_dict = args.weights  # a path: read with torch.load(weights_only=True)
     else:
         # A random stand-in in the port's format (its names and shapes), tiny.
-        sizes = dict(nr_resnet=1, nr_filters=8, nr_logistic_mix=2)
+        sizes = {"nr_resnet": 1, "nr_filters": 8, "nr_logistic_mix": 2}
         shapes = dl.port_pixelcnn_pp_shapes(**sizes)
         state_dict = {name: torch.randn(shape) * 0.1 for name, shape in shapes.items()}
 
