@@ -180,7 +180,11 @@ def build(
         head: Registered head name (see [`list_heads`][discretelik.list_heads]).
         channels: Image channels ``C``.
         bins: Levels per sub-pixel (256 for 8-bit images).
-        preset: Backbone preset, e.g. ``"tiny"`` or ``"paper"``.
+        preset: Backbone preset (see [`backbone_presets`][discretelik.backbone_presets]), e.g.
+            ``"tiny"`` (a few thousand parameters, for tests) or ``"paper"``. ``None`` builds
+            the backbone config's own defaults, which for every built-in backbone are the
+            paper's size (``"gated_pixelcnn"``: 116M parameters, ``"pixelcnn++"``: 54M); pass
+            a preset, or explicit sizes in ``backbone_kwargs``, for anything smaller.
         head_kwargs: Extra head options, e.g. ``{"mixtures": 5}``.
         **backbone_kwargs: Backbone config overrides; ``None`` values are dropped.
 
