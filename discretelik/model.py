@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Mapping
 
 import torch
@@ -36,6 +38,16 @@ class AutoregressiveModel(nn.Module):
     Raises:
         TypeError: ``backbone`` is not a ``Backbone`` or ``head`` not a ``Head``.
         ValueError: Their channel counts or channel groups do not match.
+
+    Attributes:
+        build_spec: How [`build`][discretelik.build] made the model, as a JSON-able dict with
+            keys ``backbone``, ``head``, ``channels``, ``bins``, ``preset``, ``head_kwargs``
+            and ``backbone_kwargs`` (``build(**spec)`` with the two kwargs dicts spread makes
+            the same model again); ``None`` for a model composed by hand or built with an
+            option that is not JSON-able. Per-process choices such as the head's
+            ``log_prob_backend`` are not recorded. The trainer stores it in checkpoints as
+            ``model_spec``, which [`from_checkpoint`][discretelik.AutoregressiveModel.from_checkpoint]
+            reads.
     """
 
     def __init__(self, backbone: Backbone, head: Head) -> None:
@@ -63,6 +75,100 @@ class AutoregressiveModel(nn.Module):
             )
         self.backbone = backbone
         self.head = head
+        # How build() made this model (JSON-able), or None for a model composed by hand; the
+        # trainer stores it in checkpoints as "model_spec" for from_checkpoint.
+        self.build_spec: dict[str, Any] | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        weights: str = "ema",
+        map_location: str | torch.device = "cpu",
+        head_kwargs: Mapping[str, Any] | None = None,
+    ) -> AutoregressiveModel:
+        """Rebuild a trained model from a checkpoint written by the trainer.
+
+        The checkpoint's digest is verified, the model is rebuilt with
+        [`build`][discretelik.build] from the ``model_spec`` the trainer stored (the model's
+        ``build_spec``), the chosen weights are loaded and the model is returned in eval mode.
+
+        Args:
+            path: A checkpoint of [`Trainer.save`][discretelik.train.Trainer.save].
+            weights: ``"ema"`` for the Polyak-averaged weights (what the trainer evaluates and
+                samples with) or ``"raw"`` for the last training weights.
+            map_location: Device of the returned model, e.g. ``"cpu"`` or ``"cuda"``.
+            head_kwargs: Extra head options for this process that are not part of the model,
+                e.g. ``{"log_prob_backend": "lean"}``; merged into the recorded ones.
+
+        Returns:
+            The model on ``map_location``, in eval mode, with ``build_spec`` set.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: Unknown ``weights``; the file is not a checkpoint, is corrupted
+                (digest mismatch), has no ``model_spec`` (a model not made by ``build``) or
+                lacks the chosen weights; the weights do not fit the model the spec builds; or
+                they hold NaN/infinity. The message names the file.
+
+        Example:
+            >>> model = AutoregressiveModel.from_checkpoint("run/checkpoint.pt")  # doctest: +SKIP
+            >>> images = model.sample(4, (3, 32, 32))  # doctest: +SKIP
+        """
+        # Imported here: discretelik.train builds on this module.
+        from .train.checkpoint import check_finite_tensors, load_checkpoint
+
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+        if head_kwargs is not None and not isinstance(head_kwargs, Mapping):
+            raise TypeError(
+                f"head_kwargs must be a mapping of head options, got {type(head_kwargs).__name__}"
+            )
+        ckpt = load_checkpoint(path, map_location="cpu")
+        spec = ckpt.get("model_spec")
+        if spec is None:
+            raise ValueError(
+                f"{path}: the checkpoint has no 'model_spec' (the model was not made by "
+                "discretelik.build, or the file was not written by discretelik.train)"
+            )
+        model = _build_from_spec(spec, head_kwargs, path)
+        raw = ckpt.get("model")
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{path}: the checkpoint has no 'model' state dict")
+        try:
+            model.load_state_dict(raw)
+        except RuntimeError as exc:  # missing/unexpected keys or shapes
+            first = str(exc).splitlines()[0:2]
+            raise ValueError(
+                f"{path}: the weights do not fit the model its model_spec builds: "
+                f"{' '.join(line.strip() for line in first)}"
+            ) from exc
+        if weights == "ema":
+            ema = ckpt.get("ema")
+            shadow = ema.get("shadow") if isinstance(ema, Mapping) else None
+            if not isinstance(shadow, Mapping):
+                raise ValueError(f"{path}: the checkpoint has no named EMA weights ('ema')")
+            params = dict(model.named_parameters())
+            expected = {n for n, p in params.items() if p.is_floating_point()}
+            if set(shadow) != expected:
+                missing = sorted(expected - set(shadow))[:5]
+                extra = sorted(set(shadow) - expected)[:5]
+                raise ValueError(
+                    f"{path}: the EMA weights do not fit the model: missing {missing}, "
+                    f"unexpected {extra}"
+                )
+            with torch.no_grad():
+                for name in sorted(expected):
+                    value = shadow[name]
+                    if not isinstance(value, Tensor) or value.shape != params[name].shape:
+                        got = tuple(value.shape) if isinstance(value, Tensor) else type(value)
+                        raise ValueError(
+                            f"{path}: EMA weight {name!r} has shape {got}, the model has "
+                            f"{tuple(params[name].shape)}"
+                        )
+                    params[name].copy_(value)
+        check_finite_tensors(model.state_dict().items(), f"{path}: {weights} weights")
+        return model.to(map_location).eval()
 
     @property
     def channels(self) -> int:
@@ -202,6 +308,7 @@ def build(
     """
     check_int(channels, "channels", 1)
     check_int(bins, "bins", 2)
+    spec = _build_spec(backbone, head, channels, bins, preset, head_kwargs, backbone_kwargs)
     head_cls = get_head(head)
     backbone_cls = get_backbone(backbone)
     grouped = (
@@ -227,4 +334,74 @@ def build(
     kwargs.update(channels=channels, bins=bins, in_channels=net.out_channels)
     if net.channel_groups != 1:
         kwargs["feature_groups"] = net.channel_groups
-    return AutoregressiveModel(net, create_head(head, **kwargs))
+    model = AutoregressiveModel(net, create_head(head, **kwargs))
+    model.build_spec = spec
+    return model
+
+
+# Head options that choose how this process computes, not what the model is: left out of
+# build_spec, so a checkpoint trained with e.g. a GPU-only kernel reloads anywhere.
+_RUNTIME_HEAD_OPTIONS = ("log_prob_backend",)
+
+
+def _build_spec(
+    backbone: str,
+    head: str,
+    channels: int,
+    bins: int,
+    preset: str | None,
+    head_kwargs: Mapping[str, Any] | None,
+    backbone_kwargs: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """build's arguments as a JSON-able dict, or None when an option is not JSON-able."""
+    spec = {
+        "backbone": backbone,
+        "head": head,
+        "channels": channels,
+        "bins": bins,
+        "preset": preset,
+        "head_kwargs": {
+            k: v
+            for k, v in dict(head_kwargs or {}).items()
+            if k not in _RUNTIME_HEAD_OPTIONS
+        },
+        "backbone_kwargs": {k: v for k, v in backbone_kwargs.items() if v is not None},
+    }
+    try:
+        json.dumps(spec)
+    except (TypeError, ValueError):  # e.g. a tensor or a callable as an option
+        return None
+    return spec
+
+
+_SPEC_KEYS = ("backbone", "head", "channels", "bins", "preset", "head_kwargs", "backbone_kwargs")
+
+
+def _build_from_spec(
+    spec: Any, head_kwargs: Mapping[str, Any] | None, path: str | os.PathLike[str]
+) -> AutoregressiveModel:
+    """``build(**spec)`` with the checkpoint's file named in every error."""
+    if not isinstance(spec, Mapping) or not {"backbone", "head"} <= set(spec):
+        raise ValueError(
+            f"{path}: model_spec must be a mapping with at least 'backbone' and 'head', got "
+            f"{spec!r:.200}"
+        )
+    unknown = sorted(set(spec) - set(_SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: model_spec has unknown keys {unknown}")
+    for key in ("head_kwargs", "backbone_kwargs"):
+        if not isinstance(spec.get(key) or {}, Mapping):
+            raise ValueError(f"{path}: model_spec[{key!r}] must be a mapping, got {spec[key]!r:.200}")
+    options = dict(spec.get("head_kwargs") or {}, **dict(head_kwargs or {}))
+    try:
+        return build(
+            spec["backbone"],
+            spec["head"],
+            channels=spec.get("channels", 3),
+            bins=spec.get("bins", 256),
+            preset=spec.get("preset"),
+            head_kwargs=options,
+            **dict(spec.get("backbone_kwargs") or {}),
+        )
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: cannot build the model of its model_spec: {exc}") from exc

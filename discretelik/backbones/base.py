@@ -134,10 +134,15 @@ class Backbone(nn.Module):
                 )
             if not cmap.is_floating_point():
                 raise TypeError(f"cond map must be a float tensor, got dtype {cmap.dtype}")
-            if cmap.dim() != 4 or cmap.shape[0] != batch or cmap.shape[1] != self.cond_channels:
+            if (
+                cmap.dim() != 4
+                or cmap.shape[0] != batch
+                or cmap.shape[1] != self.cond_channels
+                or min(cmap.shape[2:]) < 1  # an empty map has nothing to upsample
+            ):
                 raise ValueError(
-                    f"cond map must have shape ({batch}, {self.cond_channels}, h, w), got "
-                    f"{tuple(cmap.shape)}"
+                    f"cond map must have shape ({batch}, {self.cond_channels}, h, w) with "
+                    f"h, w >= 1, got {tuple(cmap.shape)}"
                 )
         return label, cmap
 

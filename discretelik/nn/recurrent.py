@@ -141,7 +141,9 @@ class RowLSTM(nn.Module):
         """One row: ``pre_row (B, 4h, W)`` input-to-state, ``hidden``/``cell`` ``(B, G, U, W)``."""
         b, _, width = pre_row.shape
         pre = pre_row + self.state_to_state(hidden.reshape(b, self.hidden_channels, width))
-        return lstm_update(pre.view(b, self.groups, 4, -1, width), cell)
+        # Explicit sizes, not -1: a view of an empty batch (B = 0) cannot infer a dimension.
+        units = self.hidden_channels // self.groups
+        return lstm_update(pre.view(b, self.groups, 4, units, width), cell)
 
     def forward(self, x: Tensor, gate_bias: Tensor | None = None) -> Tensor:
         b, _, height, width = x.shape
@@ -202,8 +204,10 @@ class DiagonalBiLSTM(nn.Module):
         # Row r - 1 moved to row r; a zero row on top: the first row has no pixel above it.
         above = F.pad(left, (1, -1))
         state = torch.matmul(self.state_to_state, torch.cat([above, left], dim=2))  # (B, 2, 4h, H)
-        pre = pre_col + state.view(b, -1, height)
-        return lstm_update(pre.view(b, 2 * self.groups, 4, -1, height), cell)
+        # Explicit sizes, not -1: a view of an empty batch (B = 0) cannot infer a dimension.
+        pre = pre_col + state.view(b, 8 * self.hidden_channels, height)
+        units = self.hidden_channels // self.groups
+        return lstm_update(pre.view(b, 2 * self.groups, 4, units, height), cell)
 
     def forward(self, x: Tensor, gate_bias: Tensor | None = None) -> Tensor:
         b, _, height, width = x.shape
@@ -227,7 +231,7 @@ class DiagonalBiLSTM(nn.Module):
         for pre_col in pre.movedim(-1, 0).contiguous().unbind(0):
             hidden, cell = self.step(pre_col, hidden, cell)
             cols.append(hidden)
-        out = torch.stack(cols).view(-1, b, 2 * h, height)  # (W + H - 1, B, 2h, H)
+        out = torch.stack(cols).view(len(cols), b, 2 * h, height)  # (W + H - 1, B, 2h, H)
         out = unskew(out.movedim(0, -1), width)
         left, right = out[:, :h], out[:, h:].flip(-1)
         # Right-to-left state at (i, j) has seen (i, j + 1), (i, j + 2), ...: a later pixel.

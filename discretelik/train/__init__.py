@@ -8,7 +8,15 @@ settings), ``ema``, ``checkpoint``, ``metrics``, ``images`` and ``distributed``.
 """
 
 from .batches import RandomBatches
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    capture_rng_state,
+    check_finite_tensors,
+    checkpoint_digest,
+    checkpoint_step,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .distributed import (
     DistInfo,
@@ -28,8 +36,8 @@ from .step import LikelihoodLoss, train_step
 from .trainer import Trainer
 
 __all__ = [
-    "DistInfo",
     "EMA",
+    "DistInfo",
     "ExponentialDecay",
     "LikelihoodLoss",
     "MetricsLog",
@@ -41,6 +49,9 @@ __all__ = [
     "autocast_context",
     "barrier",
     "capture_rng_state",
+    "check_finite_tensors",
+    "checkpoint_digest",
+    "checkpoint_step",
     "cleanup_distributed",
     "encode_png",
     "evaluate_bpd",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_labels"]
+__all__ = ["check_images", "check_labels", "check_levels_for_model"]
 
 
 def check_images(images: object, name: str) -> Tensor:
@@ -32,3 +32,21 @@ def check_labels(labels: object, n: int, name: str) -> Tensor:
     if tuple(labels.shape) != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
     return labels
+
+
+def check_levels_for_model(images: Tensor, model: object, name: str) -> None:
+    """Raise ``ValueError`` unless ``images`` (checked uint8) lie in ``[0, model.bins - 1]``.
+
+    Reads the tensor once (a GPU synchronises), so it is called before a run, not per step;
+    uint8 data cannot exceed 255, so a model with 256 or more bins needs no read.
+    """
+    bins = int(model.bins)  # type: ignore[attr-defined]
+    if bins >= 256 or images.numel() == 0:
+        return
+    hi = int(images.max())
+    if hi > bins - 1:
+        raise ValueError(
+            f"{name} must hold levels in [0, {bins - 1}] for this model (bins={bins}), got "
+            f"values up to {hi}: quantise the data to {bins} levels or build the model with "
+            f"bins={hi + 1 if hi < 255 else 256}"
+        )

@@ -1,9 +1,10 @@
-"""Atomic file writes: temp file in the destination directory, fsync, rename."""
+"""Atomic file writes (temp file in the destination directory, fsync, rename) and their debris."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -43,3 +44,23 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_stale_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files ``atomic_write(path, ...)`` leaves when killed mid-write.
+
+    Call it at the start of a run, when no write to ``path`` is in progress: the files
+    ``.<name>.*.tmp`` next to ``path`` are then debris of an earlier, interrupted process.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

@@ -66,14 +66,21 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
         This process's [`DistInfo`][discretelik.train.DistInfo].
 
     Raises:
-        ValueError: ``device`` asks for CUDA but none is available.
+        ValueError: ``device`` is not a CPU or CUDA device, or asks for CUDA but none is
+            available.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:  # torch's message lists 20 device types
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        # The trainer (fused Adam, autocast, synchronisation, RNG states) knows these two.
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={str(device)!r} but CUDA is not available")

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._checks import check_int
 from ..model import AutoregressiveModel
-from ._inputs import check_images, check_labels
+from ._inputs import check_images, check_labels, check_levels_for_model
 from .distributed import DistInfo, all_reduce_sum
 from .precision import full_float32
 
@@ -44,9 +44,24 @@ def evaluate_bpd(
     Returns:
         The mean over all ``N`` images of each image's bits per sub-pixel (equal to the
         total negative log2-likelihood divided by ``N * C * H * W``).
+
+    Raises:
+        TypeError: ``images``/``labels`` of the wrong type or dtype.
+        ValueError: No images, wrong shapes or channels, or levels outside
+            ``[0, model.bins - 1]`` (checked before the first batch).
     """
     check_images(images, "images")
     n = images.shape[0]
+    if n == 0:
+        raise ValueError(
+            f"images must hold at least one image to evaluate, got shape {tuple(images.shape)}"
+        )
+    if images.shape[1] != model.channels:
+        raise ValueError(
+            f"images must have {model.channels} channels for this model, got shape "
+            f"{tuple(images.shape)}"
+        )
+    check_levels_for_model(images, model, "images")
     if labels is not None:
         check_labels(labels, n, "labels")
     check_int(batch_size, "batch_size", 1)

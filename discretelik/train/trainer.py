@@ -19,9 +19,17 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..model import AutoregressiveModel
-from ._inputs import check_images, check_labels
+from ._inputs import check_images, check_labels, check_levels_for_model
+from ._io import remove_stale_temp_files
 from .batches import RandomBatches
-from .checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    capture_rng_state,
+    check_finite_tensors,
+    checkpoint_step,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from .ema import EMA
@@ -48,7 +56,13 @@ class Trainer:
     *before* constructing the trainer: the optimiser and the EMA take the parameters as they
     are. The global RNG drives dropout; seed it (per rank) before training. Checkpoints hold
     everything needed to continue exactly: model, EMA, optimiser, scheduler, batch position,
-    every rank's RNG state, the step and the wall time.
+    every rank's RNG state, the step, the wall time, the running loss window of the metrics
+    and the model's ``build_spec`` (as ``model_spec``, for
+    [`AutoregressiveModel.from_checkpoint`][discretelik.AutoregressiveModel.from_checkpoint]).
+
+    A non-finite loss stops [`fit`][discretelik.train.Trainer.fit] with a
+    ``FloatingPointError`` naming the step and the last good checkpoint, and no checkpoint is
+    ever written from non-finite weights.
 
     Args:
         model: The model, on any device (moved to ``dist.device``).
@@ -61,8 +75,9 @@ class Trainer:
     Raises:
         TypeError: ``model``/``config`` of the wrong type, or ``images``/``labels`` of the
             wrong dtype (uint8 / int64 expected).
-        ValueError: Wrong shapes, channels that do not match the model, missing labels for a
-            conditional config, or fewer images than one global batch.
+        ValueError: Wrong shapes, channels that do not match the model, levels outside
+            ``[0, model.bins - 1]``, missing labels for a conditional config, or fewer images
+            than one global batch.
 
     Example:
         >>> model = build("pixelcnn++", "dlm", preset="tiny")  # doctest: +SKIP
@@ -89,6 +104,8 @@ class Trainer:
                 f"images must have {model.channels} channels for this model, got shape "
                 f"{tuple(images.shape)}"
             )
+        # Once here, not per step (that would synchronise a GPU): the loss does not check.
+        check_levels_for_model(images, model, "images")
         if config.conditional:
             if labels is None:
                 raise ValueError("labels must be given when config.conditional is true")
@@ -100,6 +117,7 @@ class Trainer:
         model.to(self.device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
+        _canonical_parameter_strides(model)
         self.model = model
         self.images = images.to(self.device)
         self.labels = labels.to(self.device) if config.conditional and labels is not None else None
@@ -135,6 +153,19 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0  # wall seconds of earlier sessions (restored from checkpoints)
         self._session_start = time.perf_counter()
+        # The metrics window since the last record: sum of the step losses (float64, on the
+        # device, so nothing synchronises between records), its steps and training seconds.
+        # Checkpointed, so that the first record after a resume averages the same steps.
+        self._window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._window_steps = 0
+        self._window_seconds = 0.0
+        # This session's step losses of the window, to name the first non-finite one.
+        self._window_losses: list[Tensor] = []
+        # On CPU reading the loss costs nothing, so a divergence stops at its step; on a GPU
+        # it is read where the loop synchronises anyway (records, evaluation, checkpoints).
+        # Under DDP the check is collective, so it waits for the records too.
+        self._check_every_step = self.device.type == "cpu" and not self.dist.distributed
+        self.last_checkpoint: str | None = None  # "path (step N)" of the last good one
 
     # -- steps -------------------------------------------------------------------------------
     @property
@@ -228,7 +259,14 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (collective under DDP: call on every rank)."""
         rng = all_gather_objects(capture_rng_state(self.device))
-        return {
+        window = all_gather_objects(
+            {
+                "loss_sum": float(self._window_loss),  # a Python float is the exact float64
+                "steps": self._window_steps,
+                "seconds": self._window_seconds,
+            }
+        )
+        state = {
             "format": "discretelik.train/1",
             "step": self.step,
             "elapsed": self.wall_time(),
@@ -240,17 +278,29 @@ class Trainer:
             "rng": rng,
             "world_size": self.dist.world_size,
             "train_config": dataclasses.asdict(self.config),
+            "window": window,
         }
+        if self.model.build_spec is not None:
+            state["model_spec"] = self.model.build_spec
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore [`state_dict`][discretelik.train.Trainer.state_dict] output.
 
         Raises:
-            ValueError: ``state`` is not a trainer checkpoint, or does not fit the model.
+            ValueError: ``state`` is not a trainer checkpoint, does not fit the model, or holds
+                non-finite weights (a diverged run).
         """
         missing = {"step", "model", "ema", "optimizer", "scheduler", "batches", "rng"} - set(state)
         if missing:
             raise ValueError(f"state is not a Trainer checkpoint: missing {sorted(missing)}")
+        step = checkpoint_step(state)
+        if not isinstance(state["model"], Mapping) or not isinstance(state["ema"], Mapping):
+            raise ValueError("state is not a Trainer checkpoint: 'model'/'ema' are not mappings")
+        check_finite_tensors(state["model"].items(), "cannot resume: the model weights")
+        check_finite_tensors(
+            dict(state["ema"].get("shadow") or {}).items(), "cannot resume: the EMA weights"
+        )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:  # missing/unexpected keys or shapes: another model config
@@ -261,9 +311,17 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["batches"])
-        self.step = int(state["step"])
+        self.step = step
         self.elapsed = float(state.get("elapsed", 0.0))
         self._session_start = time.perf_counter()
+        self._window_losses = []
+        window = state.get("window")
+        mine = window[self.dist.rank] if isinstance(window, list) and len(window) == self.dist.world_size else None
+        if mine is None:  # older checkpoint, or another number of processes: a fresh window
+            mine = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
+        self._window_loss = torch.tensor(float(mine["loss_sum"]), dtype=torch.float64, device=self.device)
+        self._window_steps = int(mine["steps"])
+        self._window_seconds = float(mine["seconds"])
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             restore_rng_state(rng[self.dist.rank], self.device)
@@ -285,11 +343,23 @@ class Trainer:
 
         Args:
             path: Destination file.
-            extra: More plain entries to store (e.g. how to rebuild the model).
+            extra: More plain entries to store (e.g. the run's settings).
 
         Returns:
             ``path`` as a ``Path``.
+
+        Raises:
+            FloatingPointError: The model or its average holds NaN/infinity (nothing written;
+                every rank raises, the weights being the same on all).
         """
+        try:
+            check_finite_tensors(self.model.named_parameters(), "model weights")
+            check_finite_tensors(zip(self.ema._names, self.ema.shadow), "EMA weights")
+        except ValueError as exc:
+            raise FloatingPointError(
+                f"training diverged: {exc} after step {self.step}; {path} not written; "
+                f"last good checkpoint: {self.last_checkpoint or 'none'}"
+            ) from None
         state = self.state_dict()
         if extra:
             state.update(extra)
@@ -298,13 +368,43 @@ class Trainer:
         # The other ranks would otherwise run ahead while rank 0 is still writing: an exit or a
         # resume right after save() could then miss the file (no-op in a single process).
         barrier()
+        self.last_checkpoint = f"{path} (step {self.step})"
         return Path(path)
 
     def resume(self, path: str | Path) -> dict[str, Any]:
-        """Load a checkpoint file into this trainer; returns the whole checkpoint mapping."""
+        """Load a checkpoint file into this trainer; returns the whole checkpoint mapping.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: The file is corrupted, not a trainer checkpoint, does not fit the model
+                or holds non-finite weights; the message names the file.
+        """
         state = load_checkpoint(path, map_location="cpu")
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+        self.last_checkpoint = f"{path} (step {self.step})"
         return state
+
+    def _check_losses(self) -> None:
+        """Raise ``FloatingPointError`` if a step loss of the window is NaN or infinite."""
+        if not self._window_losses:
+            return
+        losses = torch.stack(self._window_losses)
+        bad = (~torch.isfinite(losses)).double()
+        # Summed over ranks: every rank stops at the same step (a lone rank raising would
+        # leave the others waiting in a collective).
+        all_reduce_sum(bad)
+        if not bool(bad.any()):
+            return
+        first = int(bad.nonzero()[0, 0])
+        step = self.step - len(self._window_losses) + first + 1
+        raise FloatingPointError(
+            f"training diverged: the loss is {float(losses[first])} at step {step} (try a "
+            f"lower learning rate or --grad-clip); last good checkpoint: "
+            f"{self.last_checkpoint or 'none'}"
+        )
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(
@@ -353,15 +453,31 @@ class Trainer:
             progress: Show a tqdm progress bar on rank 0 (if tqdm is installed).
             log_fn: Where one-line summaries go (rank 0) when there is no progress bar.
 
+        Before the first step: the test images are checked (dtype, shape, channels, levels
+        within ``[0, model.bins - 1]``, at least one image), and stale temporary files of an
+        interrupted checkpoint write (``.<name>.*.tmp`` next to ``checkpoint_path``) are
+        removed. A NaN or infinite loss stops the run with a ``FloatingPointError`` (on CPU at
+        its step, on a GPU or under DDP at the next record, evaluation or checkpoint) that
+        names the step and the last good checkpoint; nothing is logged, evaluated, sampled or
+        saved from a diverged model.
+
         Returns:
             The records written during this call.
+
+        Raises:
+            FloatingPointError: The loss or the weights became non-finite.
+            ValueError: Invalid periods or test data.
         """
         check_int(steps, "steps", 0)
         check_int(log_every, "log_every", 1)
         for name, period in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
                              ("sample_every", sample_every)):
             check_int(period, name, 0)
+        if test_images is not None:
+            self._check_test_data(test_images, test_labels)
         main = self.dist.is_main
+        if checkpoint_path is not None and main:
+            remove_stale_temp_files(checkpoint_path)
         bar = None
         if progress and main and self.step < steps:
             try:
@@ -376,15 +492,16 @@ class Trainer:
             return self.step == steps or (period > 0 and self.step % period == 0)
 
         records: list[dict[str, Any]] = []
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        window_steps = 0
-        window_seconds = 0.0  # training time of the window's steps (evaluation etc. left out)
         window_start = time.perf_counter()
         try:
             while self.step < steps:
                 lr = self.lr
-                loss_sum += self.train_step()
-                window_steps += 1
+                loss = self.train_step()
+                self._window_loss += loss
+                self._window_steps += 1
+                self._window_losses.append(loss)
+                if self._check_every_step:
+                    self._check_losses()
                 if bar is not None:
                     bar.update(1)
                 if not (
@@ -396,19 +513,26 @@ class Trainer:
                     continue
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                window_seconds += time.perf_counter() - window_start
+                self._window_seconds += time.perf_counter() - window_start
+                # Before anything is logged, evaluated, sampled or saved from these weights.
+                self._check_losses()
+                self._window_losses = []
                 record: dict[str, Any] = {"step": self.step}
                 if due(log_every):
-                    totals = torch.stack([loss_sum, loss_sum.new_tensor(window_steps)])
+                    totals = torch.stack(
+                        [self._window_loss, self._window_loss.new_tensor(self._window_steps)]
+                    )
                     all_reduce_sum(totals)  # sum over ranks of (sum of step means, steps)
                     record.update(
                         train_bpd=float(totals[0] / totals[1]),
                         lr=lr,
-                        images_per_s=window_steps * self.global_batch / max(window_seconds, 1e-9),
+                        images_per_s=self._window_steps
+                        * self.global_batch
+                        / max(self._window_seconds, 1e-9),
                     )
-                    loss_sum.zero_()
-                    window_steps = 0
-                    window_seconds = 0.0
+                    self._window_loss.zero_()
+                    self._window_steps = 0
+                    self._window_seconds = 0.0
                 if test_images is not None and due(eval_every):
                     record["test_bpd"] = self.evaluate(
                         test_images, test_labels, batch_size=eval_batch_size
@@ -434,6 +558,43 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return records
+
+    def _check_test_data(self, images: Tensor, labels: Tensor | None) -> None:
+        check_images(images, "test_images")
+        if images.shape[0] == 0:
+            raise ValueError("test_images must hold at least one image, got shape "
+                             f"{tuple(images.shape)}")
+        if images.shape[1] != self.model.channels:
+            raise ValueError(
+                f"test_images must have {self.model.channels} channels for this model, got "
+                f"shape {tuple(images.shape)}"
+            )
+        check_levels_for_model(images, self.model, "test_images")
+        if self.config.conditional:
+            if labels is None:
+                raise ValueError("test_labels must be given when config.conditional is true")
+            check_labels(labels, images.shape[0], "test_labels")
+
+
+def _canonical_parameter_strides(model: nn.Module) -> None:
+    """Give every dense parameter the strides of its memory format, in place.
+
+    Weight norm makes its ``g`` of a transposed convolution ``(1, C, 1, 1)`` with strides
+    ``(1, 1, 1, 1)``: contiguous (size-1 dimensions have arbitrary strides) but not the
+    strides autograd gives its gradient, ``(C, 1, 1, 1)``. DDP lays its buckets out like the
+    parameters and warned "Grad strides do not match bucket view strides" on every rank.
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            fmt = (
+                torch.channels_last
+                if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                and not p.is_contiguous()
+                else torch.contiguous_format
+            )
+            like = torch.empty_like(p, memory_format=fmt)
+            if like.stride() != p.stride():
+                p.data = like.copy_(p)
 
 
 def _summary(record: Mapping[str, Any]) -> str:
