@@ -90,6 +90,7 @@ def check_finite(value: Tensor, name: str) -> None:
     The message counts the offending entries and gives the first one's index, without printing
     the tensor (a parameter map can hold millions of values).
     """
+    value = value.detach()  # a check: nothing of it belongs in an autograd graph
     finite = torch.isfinite(value)
     if bool(finite.all()):
         return

@@ -134,9 +134,9 @@ def _kernels_importable() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernels() -> Any:
-    from . import _triton_dlm_kernels  # imports triton
+    from . import triton_kernels  # imports triton
 
-    return _triton_dlm_kernels
+    return triton_kernels
 
 
 def _next_power_of_2(n: int) -> int:
