@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import io
 import os
 import pickle
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
-from discretelik.data import load_bundled
+from discretelik.data import cifar10, load_bundled
 from discretelik.data.cifar10 import UnsafePickleError, load_cifar10, read_cifar10_pickle
 
 SHARED = Path("/work/shared/data/cifar10")
@@ -157,12 +159,107 @@ def test_wrong_path_says_where_to_put_the_files(tmp_path: Path) -> None:
         load_cifar10(3)  # type: ignore[arg-type]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
-                    reason="with torchvision installed this would try the network")
-def test_download_without_torchvision_says_so(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="needs torchvision") as info:
-        load_cifar10(tmp_path / "fresh", download=True)
+# --- download=True, offline: the "official archive" is a small tarball built here and served
+# through a file:// URL, so the real fetch, checksum and extraction code runs without a network.
+
+
+def _archive(tmp_path: Path, extra: Callable[[tarfile.TarFile], None] | None = None,
+             leave_out: str = "") -> tuple:
+    """A cifar-10-python.tar.gz of tiny official pickles (less the member ``leave_out``), with
+    ``extra`` members added last; returns (url, md5, written)."""
+    staged = tmp_path / "staged"
+    written = _write_official(staged / "cifar-10-batches-py",
+                              {**{n: 2 for n in TRAIN}, "test_batch": 3}, py2_style=True)
+    (staged / "cifar-10-batches-py" / "batches.meta").write_bytes(b"meta")
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(staged / "cifar-10-batches-py", arcname="cifar-10-batches-py",
+                filter=lambda member: None if member.name == leave_out else member)
+        if extra is not None:
+            extra(tar)
+    return path.as_uri(), hashlib.md5(path.read_bytes()).hexdigest(), written
+
+
+def _serve(monkeypatch: pytest.MonkeyPatch, url: str, md5: str) -> None:
+    monkeypatch.setattr(cifar10, "_OFFICIAL_URL", url)
+    monkeypatch.setattr(cifar10, "_OFFICIAL_MD5", md5)
+
+
+def test_download_fetches_checks_and_extracts(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    url, md5, written = _archive(tmp_path)
+    _serve(monkeypatch, url, md5)
+    root = tmp_path / "data"
+    x, y = load_cifar10(root, "test", download=True)
+    assert torch.equal(x, _nchw(written["test_batch"][0]))
+    assert torch.equal(y, torch.from_numpy(written["test_batch"][1]))
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # no temp left
+    assert sorted(p.name for p in (root / "cifar-10-batches-py").iterdir()) == sorted(
+        [*TRAIN, "test_batch"]
+    )
+    monkeypatch.setattr(cifar10, "_OFFICIAL_URL", (tmp_path / "gone.tar.gz").as_uri())
+    x_train, _ = load_cifar10(root, "train", download=True)  # present now: nothing fetched
+    assert x_train.shape == (10, 3, 32, 32)
+
+
+def test_download_with_a_wrong_checksum_extracts_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, md5, _ = _archive(tmp_path)
+    _serve(monkeypatch, url, "0" * 32)
+    root = tmp_path / "data"
+    with pytest.raises(FileNotFoundError, match=f"has MD5 {md5}, expected 0{{32}}"):
+        load_cifar10(root, "train", download=True)
+    assert list(root.iterdir()) == []
+
+
+def test_download_failure_names_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = (tmp_path / "nowhere.tar.gz").as_uri()
+    _serve(monkeypatch, missing, "0" * 32)
+    with pytest.raises(FileNotFoundError, match="download of .*nowhere.tar.gz failed") as info:
+        load_cifar10(tmp_path / "data", download=True)
     assert "cifar-10-batches-py" in str(info.value)  # and still where to put the files
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_download_applies_no_member_path_or_link(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def evil(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("../escaped")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+
+    url, md5, _ = _archive(tmp_path, evil)
+    _serve(monkeypatch, url, md5)
+    root = tmp_path / "data"
+    load_cifar10(root, "train", download=True)
+    assert not (tmp_path / "escaped").exists() and not (root / "escaped").exists()
+
+    # A batch that is a link (to anywhere) is refused, and nothing is left behind.
+    def link(tar: tarfile.TarFile) -> None:
+        info = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    url, md5, _ = _archive(linked, link, leave_out="cifar-10-batches-py/test_batch")
+    _serve(monkeypatch, url, md5)
+    with pytest.raises(FileNotFoundError, match="test_batch is not a regular file"):
+        load_cifar10(tmp_path / "data2", "test", download=True)
+    assert list((tmp_path / "data2").iterdir()) == []
+
+
+def test_download_leaves_an_incomplete_folder_alone(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    url, md5, _ = _archive(tmp_path)
+    _serve(monkeypatch, url, md5)
+    mine = tmp_path / "data" / "cifar-10-batches-py"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError, match="is incomplete; remove it to download again"):
+        load_cifar10(tmp_path / "data", download=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the project's shared CIFAR-10 copy is absent")

@@ -20,9 +20,14 @@ before anything is called. ``.npz`` files are opened with ``allow_pickle=False``
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +55,9 @@ CIFAR10_CLASSES = (
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _TEST_BATCHES = ("test_batch",)
 _OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+# The archive's published MD5 (the value torchvision checks too).
+_OFFICIAL_MD5 = "c58f30108f718f92721af3b95e74349a"
+_FOLDER = "cifar-10-batches-py"
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -266,31 +274,84 @@ def _concat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 def _not_found(root: Path, download: bool, reason: str = "") -> FileNotFoundError:
-    hint = (
-        "\n  or pass download=True / --download (needs torchvision and network access)"
-        if not download
-        else ""
-    )
+    hint = "\n  or pass download=True / --download (needs network access)" if not download else ""
     return FileNotFoundError(
         f"CIFAR-10 not found at {root}{': ' + reason if reason else ''}. Expected one of:\n"
-        f"  {root}/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch "
+        f"  {root}/{_FOLDER}/data_batch_1 ... data_batch_5, test_batch "
         f"(extract {_OFFICIAL_URL} into {root})\n"
         f"  {root}/data_batch_1.npz ... data_batch_5.npz, test_batch.npz (each with x, y)\n"
         f"  a .npz file with x_train, y_train, x_test, y_test (uint8 NHWC)" + hint
     )
 
 
+def _fetch(url: str, dest: Path) -> str:
+    """Stream ``url`` into the file ``dest``; returns the MD5 hex digest of what was written."""
+    md5 = hashlib.md5()
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
+        while chunk := response.read(1 << 20):
+            md5.update(chunk)
+            out.write(chunk)
+    return md5.hexdigest()
+
+
+def _extract_batches(archive: Path, into: Path) -> None:
+    """Extract the batch files of the official archive into ``into``, and nothing else.
+
+    Only members named ``cifar-10-batches-py/<batch>`` are read, each through ``extractfile``
+    into a fixed file name, so no member's path, link or mode is ever applied to the disk.
+    """
+    wanted = {f"{_FOLDER}/{n}": n for n in (*_TRAIN_BATCHES, *_TEST_BATCHES)}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            name = wanted.pop(member.name, None)
+            if name is None:
+                continue  # batches.meta, readme.html: not needed
+            source = tar.extractfile(member) if member.isfile() else None
+            if source is None:
+                raise ValueError(f"{member.name} is not a regular file in the archive")
+            with source, open(into / name, "wb") as out:
+                shutil.copyfileobj(source, out)
+    if wanted:
+        raise ValueError(f"the archive lacks {sorted(wanted)}")
+
+
 def _download(root: Path) -> None:
+    """Fetch the official archive into ``root/cifar-10-batches-py``, checked against its MD5.
+
+    Everything happens in a temporary directory under ``root`` that is removed in all cases;
+    the batch folder appears (by one rename) only once the archive's checksum matched and all
+    six batches were extracted.
+    """
+    dest = root / _FOLDER
+    if dest.exists():
+        raise _not_found(root, True, f"{dest} is incomplete; remove it to download again")
+    tmp = Path(tempfile.mkdtemp(prefix=".cifar-10-download-", dir=root))
     try:
-        from torchvision.datasets import CIFAR10  # optional dependency
-    except ImportError as exc:
-        raise _not_found(
-            root, True, "download=True needs torchvision, which is not installed"
-        ) from exc
-    try:
-        CIFAR10(str(root), train=True, download=True)
-    except Exception as exc:  # network errors come in many types
-        raise _not_found(root, True, f"download failed ({type(exc).__name__}: {exc})") from exc
+        archive = tmp / "cifar-10-python.tar.gz"
+        try:
+            digest = _fetch(_OFFICIAL_URL, archive)
+        except (OSError, ValueError) as exc:  # URLError and socket errors are OSErrors
+            raise _not_found(
+                root, True, f"download of {_OFFICIAL_URL} failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        if digest != _OFFICIAL_MD5:
+            raise _not_found(
+                root, True, f"the file downloaded from {_OFFICIAL_URL} has MD5 {digest}, expected "
+                f"{_OFFICIAL_MD5} (a corrupted or different file; nothing was extracted)"
+            )
+        batches = tmp / _FOLDER
+        batches.mkdir()
+        try:
+            _extract_batches(archive, batches)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            raise _not_found(root, True, f"could not extract {_OFFICIAL_URL}: {exc}") from exc
+        try:
+            os.rename(batches, dest)
+        except OSError:  # another process finished first: fine if its copy is complete
+            if not all((dest / n).is_file() for n in (*_TRAIN_BATCHES, *_TEST_BATCHES)):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_cifar10(
@@ -304,14 +365,16 @@ def load_cifar10(
         split: ``"train"`` (50,000 images, ``data_batch_1`` ... ``5`` in order) or ``"test"``
             (10,000 images).
         download: When nothing is found under a directory ``root``, fetch the official archive
-            there with torchvision (if installed and the network allows).
+            (about 163 MiB; needs network access), check its published MD5 and extract the
+            batches into ``root/cifar-10-batches-py``. Needs no package beyond this one.
 
     Returns:
         ``(images, labels)``: images uint8 ``(N, 3, 32, 32)`` RGB, labels int64 ``(N,)`` in
         0-9 (see ``CIFAR10_CLASSES``).
 
     Raises:
-        FileNotFoundError: Nothing usable at ``root``; the message lists where the files go.
+        FileNotFoundError: Nothing usable at ``root`` (or ``download`` failed: the network, the
+            checksum or the archive); the message lists where the files go.
         ValueError: ``split`` is not ``"train"``/``"test"``, or a file is malformed (the message
             names the file and what was wrong).
         UnsafePickleError: A pickled batch references a global other than numpy's array
