@@ -190,7 +190,8 @@ def test_long_signatures_are_formatted(site: Path) -> None:
 
 def test_mathjax_hook_names_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     _mkdocs()
-    spec = importlib.util.spec_from_file_location("mathjax_assets", ROOT / "hooks/mathjax_assets.py")
+    path = ROOT / "hooks" / "mathjax_assets.py"
+    spec = importlib.util.spec_from_file_location("mathjax_assets", path)
     hook = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hook)
     assert (hook.mathjax_root() / hook.ENTRY).is_file()
