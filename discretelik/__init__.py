@@ -18,8 +18,10 @@ from .backbones.pixelrnn import (
 )
 from .fast_sampling import GatedPixelCNNCache, PixelCNNPPCache, SamplingCache
 from .heads import DiscreteImageDistribution, Head
+from .heads.backend import LogProbBackend
 from .heads.gaussian import DiscretizedGaussian, DiscretizedGaussianDistribution
 from .heads.logistic import DiscretizedLogisticMixture, DiscretizedLogisticMixtureDistribution
+from .heads.mixture.distribution import LocationScaleMixtureDistribution
 from .heads.softmax import DiscreteSoftmax, DiscreteSoftmaxDistribution
 from .metrics import bits_per_dim
 from .model import AutoregressiveModel, build
@@ -50,6 +52,8 @@ __all__ = [
     "DiscretizedGaussianDistribution",
     "Head",
     "DiscreteImageDistribution",
+    "LogProbBackend",
+    "LocationScaleMixtureDistribution",
     # backbones and their configs
     "PixelCNN",
     "PixelCNNConfig",

@@ -4,7 +4,7 @@ Every head and head distribution takes ``log_prob_backend``: ``"auto"`` (the def
 family pick by device, dtype and compilation, any other name asks for that implementation. The
 choice is stored on the instance (a head passes it to each distribution it makes, ``expand``
 keeps it); there is no class-level or global switch. Each family lists its implementations in
-one table of [`LogProbBackend`][discretelik.heads.backend.LogProbBackend] entries, each of which
+one table of [`LogProbBackend`][discretelik.LogProbBackend] entries, each of which
 states in one place what it can compute (``unsupported``) and whether a ``torch.compile`` trace
 can call it (``traceable``). All implementations of a family give the same values and
 gradients up to rounding: they are checked translations of the family's one formula.

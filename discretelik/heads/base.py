@@ -50,7 +50,7 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
 
     **Log-likelihood implementations.** ``log_prob_backend`` picks one of the family's entries
     in ``log_prob_backends`` (a table of
-    [`LogProbBackend`][discretelik.heads.backend.LogProbBackend]), or ``"auto"`` for the
+    [`LogProbBackend`][discretelik.LogProbBackend]), or ``"auto"`` for the
     family's choice by device, dtype and compilation. All of a family's implementations are
     translations of its one formula and agree up to rounding; only ``"eager"`` is twice
     differentiable. While ``torch.compile`` traces, an implementation that cannot be traced is
@@ -104,9 +104,7 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
             )
         self.channels = check_int(channels, "channels", 1)
         self.bins = check_int(bins, "bins", 2)
-        self.log_prob_backend = check_backend_name(
-            log_prob_backend, self.log_prob_backends, type(self).__name__
-        )
+        self.log_prob_backend = log_prob_backend
         expected = self.param_channels_for()
         if params.shape[-3] != expected:
             raise ValueError(
@@ -129,6 +127,18 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
             validate_args=False,  # the parameters were checked above
         )
         self._validate_args = bool(validate)
+
+    @property
+    def log_prob_backend(self) -> str:
+        """``"auto"`` or the name of the implementation that computes ``log_prob`` (validated
+        when set; kept by ``expand``)."""
+        return self._log_prob_backend
+
+    @log_prob_backend.setter
+    def log_prob_backend(self, name: str) -> None:
+        self._log_prob_backend = check_backend_name(
+            name, self.log_prob_backends, type(self).__name__
+        )
 
     # -- to implement ----------------------------------------------------------------------
     @abc.abstractmethod

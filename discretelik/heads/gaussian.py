@@ -21,17 +21,11 @@ __all__ = ["DiscretizedGaussian", "DiscretizedGaussianDistribution"]
 class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
     r"""Mixture of discretized Gaussians per pixel, with linearly coupled channels.
 
-    **Binning.** A level $x \in \{0, \dots, B-1\}$ ($B$ = ``bins``) sits at the bin centre
-    $\tilde x = 2x/(B-1) - 1 \in [-1, 1]$; bins have half-width $\delta = 1/(B-1)$, and the edge
-    bins are open: level $0$ covers $(-\infty, -1 + \delta]$ and level $B - 1$ covers
-    $[1 - \delta, \infty)$.
-
-    **Likelihood of a pixel.** With $\pi = \mathrm{softmax}(\text{logits})$ over $K$ components
-    shared by the $C$ channels of the pixel,
-
-    $$
-    p(x_0, \dots, x_{C-1}) = \sum_{k=1}^{K} \pi_k \prod_{c=0}^{C-1} P_k(x_c \mid x_{<c}),
-    $$
+    The binning, the mixture over components shared by the channels of a pixel, the channel
+    coupling, the parameter layout (the same as the discretized logistic mixture's), sampling
+    and the per-sub-pixel summaries are those of every discretized mixture head: see
+    [`LocationScaleMixtureDistribution`][discretelik.LocationScaleMixtureDistribution]. Here the
+    component's CDF is the standard normal $\Phi$:
 
     $$
     P_k(x_c \mid x_{<c}) =
@@ -43,42 +37,9 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
     \end{cases}
     $$
 
-    with the standard normal CDF $\Phi$, standard deviation
-    $s_{kc} = \exp(\max(\ell_{kc}, \ell_{\min}))$ ($\ell$ is a log-std; $\ell_{\min}$ =
-    ``min_log_scale``, clamped exactly like the logistic mixture's log-scales: part of the model,
-    no gradient below it), and the coupled location
-
-    $$
-    \mu_{kc} = m_{kc} + \sum_{j<c} \tanh(\alpha_{k,cj})\, \tilde x_j
-    $$
-
-    (no $\alpha$ terms with ``coupling=False``: channels are then independent given the
-    component).
-
-    ``elementwise_log_prob`` gives channel $c$ the conditional
-    $\log p(x_{\le c}) - \log p(x_{<c})$ (the component marginalised out), so the channels of a
-    pixel sum to $\log p(x_0, \dots, x_{C-1})$.
-
-    **Parameter layout** (channel axis of ``params``, $M = C(C-1)/2$ with coupling, else 0):
-    $P = K(1 + 2C + M)$, the same as the discretized logistic mixture.
-
-    - channels $[0, K)$: the logits;
-    - then one slot per image channel $c = 0, \dots, C-1$, in order: $K$ locations
-      $m_{\cdot c}$, $K$ log-stds $\ell_{\cdot c}$, then $n_c$ blocks of $K$ coefficients.
-
-    The $M$ coefficient blocks are ordered by pair $(c, j)$, $j < c$:
-    $\alpha_{10}, \alpha_{20}, \alpha_{21}, \alpha_{30}, \dots$ (block $c(c-1)/2 + j$), and dealt
-    out in that order over the slots, $n_c = \lfloor M/C \rfloor + [c < M \bmod C]$ (for RGB:
-    $\alpha_{GR}, \alpha_{BR}, \alpha_{BG}$ in the R, G, B slots, as openai/pixel-cnn).
-
-    **Sampling** draws a component per pixel (Gumbel-max), then channel by channel a normal by
-    inverse CDF, coupled on the already drawn levels, rounded to the nearest level (beyond the
-    edges: the edge level). All randomness comes from ``generator`` when given.
-
-    **Mean** (in levels, $E[X] = \sum_{k=1}^{B-1} P(X \ge k)$, summed in chunks): exact for
-    channel 0 and without coupling; with coupling exact while $B^C \le 2^{16}$ (the joint of
-    the earlier channels is enumerated), otherwise channel $c$'s location uses each component's
-    mean of the earlier channels in place of their values (plug-in approximation).
+    with standard deviation $s_{kc} = \exp(\max(\ell_{kc}, \ell_{\min}))$ ($\ell$ is a log-std).
+    With ``mixtures=1`` and ``coupling=False`` it is the discretized Gaussian decoder common in
+    VAEs on integer images.
 
     !!! note "Numerics"
         Everything is in log space and finite, with finite gradients, for any finite
@@ -92,18 +53,10 @@ class DiscretizedGaussianDistribution(LocationScaleMixtureDistribution):
         overflowing. The formula is written once, in ``discretelik/heads/mixture/formula.py``
         and ``mixture/gaussian.py``.
 
-    **Implementations** (``log_prob_backend``; both give the same values and gradients up to
-    rounding):
-
-    - ``"eager"``: the formula under plain autograd, all components at once; twice
-      differentiable, but it saves many ``sample_shape + batch_shape + (K, C, H, W)``
-      temporaries for backward;
-    - ``"lean"``: one autograd node that loops over the components in forward and backward
-      and keeps no ``K``-fold temporaries; backward recomputes each component's masses
-      through the same formula under autograd (any device, float32/64);
-    - ``"auto"`` (default): ``"lean"`` on CPU with ``K > 1`` components, else ``"eager"``
-      (on a GPU the lean path's many small kernels would be launch-bound; with one component
-      there is no ``K``-fold tensor to avoid). While ``torch.compile`` traces, ``"eager"``.
+    **Implementations** (``log_prob_backend``): ``"eager"`` and ``"lean"`` as for every mixture
+    head; ``"auto"`` (default) picks ``"lean"`` on CPU with ``K > 1`` components, else
+    ``"eager"`` (on a GPU the lean path's many small kernels would be launch-bound; with one
+    component there is no ``K``-fold tensor to avoid).
 
     Args:
         params: Raw parameters, float ``batch_shape + (P, H, W)`` (bf16/fp16 promoted to

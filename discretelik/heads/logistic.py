@@ -40,17 +40,11 @@ TRITON = LogProbBackend(
 class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
     r"""Mixture of discretized logistics per pixel, with linearly coupled channels (PixelCNN++).
 
-    **Binning.** A level $x \in \{0, \dots, B-1\}$ ($B$ = ``bins``) sits at the bin centre
-    $\tilde x = 2x/(B-1) - 1 \in [-1, 1]$; bins have half-width $\delta = 1/(B-1)$, and the edge
-    bins are open: level $0$ covers $(-\infty, -1 + \delta]$ and level $B - 1$ covers
-    $[1 - \delta, \infty)$.
-
-    **Likelihood of a pixel.** With $\pi = \mathrm{softmax}(\text{logits})$ over $K$ components
-    shared by the $C$ channels of the pixel,
-
-    $$
-    p(x_0, \dots, x_{C-1}) = \sum_{k=1}^{K} \pi_k \prod_{c=0}^{C-1} P_k(x_c \mid x_{<c}),
-    $$
+    The binning, the mixture over components shared by the channels of a pixel, the channel
+    coupling $\mu_{kc} = m_{kc} + \sum_{j<c} \tanh(\alpha_{k,cj})\,\tilde x_j$, the parameter
+    layout, sampling and the per-sub-pixel summaries are those of every discretized mixture
+    head: see [`LocationScaleMixtureDistribution`][discretelik.LocationScaleMixtureDistribution].
+    Here the component's CDF is the logistic $\sigma$:
 
     $$
     P_k(x_c \mid x_{<c}) =
@@ -62,45 +56,12 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
     \end{cases}
     $$
 
-    with the logistic CDF $\sigma$, scale $s_{kc} = \exp(\max(\ell_{kc}, \ell_{\min}))$
-    ($\ell_{\min}$ = ``min_log_scale``, $-7$ as in openai/pixel-cnn; the clamp is part of the
-    model: log-scales below it act as $\ell_{\min}$ and get no gradient), and the coupled
-    location
-
-    $$
-    \mu_{kc} = m_{kc} + \sum_{j<c} \tanh(\alpha_{k,cj})\, \tilde x_j
-    $$
-
-    ($\alpha = 0$ terms are absent with ``coupling=False``: channels are then independent given
-    the component). For RGB this is PixelCNN++'s $\mu_G = m_G + \tanh(\alpha_{GR}) \tilde x_R$,
-    $\mu_B = m_B + \tanh(\alpha_{BR}) \tilde x_R + \tanh(\alpha_{BG}) \tilde x_G$.
-
-    ``elementwise_log_prob`` gives channel $c$ the conditional
-    $\log p(x_{\le c}) - \log p(x_{<c})$ (the component marginalised out), so the channels of a
-    pixel sum to $\log p(x_0, \dots, x_{C-1})$.
-
-    **Parameter layout** (channel axis of ``params``, $M = C(C-1)/2$ with coupling, else 0):
-    $P = K(1 + 2C + M)$, i.e. $10K$ for RGB with coupling, $7K$ without, $3K$ for $C = 1$.
-
-    - channels $[0, K)$: the logits;
-    - then one slot per image channel $c = 0, \dots, C-1$, in order: $K$ locations
-      $m_{\cdot c}$, $K$ log-scales $\ell_{\cdot c}$, then $n_c$ blocks of $K$ coefficients.
-
-    The $M$ coefficient blocks are ordered by pair $(c, j)$, $j < c$:
-    $\alpha_{10}, \alpha_{20}, \alpha_{21}, \alpha_{30}, \dots$ (block $c(c-1)/2 + j$), and dealt
-    out in that order over the slots, $n_c = \lfloor M/C \rfloor + [c < M \bmod C]$. For $C = 3$
-    each slot holds one block, $(\alpha_{GR}, \alpha_{BR}, \alpha_{BG})$ in the R, G, B slots:
-    exactly openai/pixel-cnn's NHWC layout (``l[..., K:]`` reshaped to ``(3, 3K)``) moved to
-    NCHW.
-
-    **Sampling** draws a component per pixel (Gumbel-max), then channel by channel a logistic
-    by inverse CDF, coupled on the already drawn levels, rounded to the nearest level (beyond
-    the edges: the edge level). All randomness comes from ``generator`` when given.
-
-    **Mean** (in levels, $E[X] = \sum_{k=1}^{B-1} P(X \ge k)$, summed in chunks): exact for
-    channel 0 and without coupling; with coupling exact while $B^C \le 2^{16}$ (the joint of
-    the earlier channels is enumerated), otherwise channel $c$'s location uses each component's
-    mean of the earlier channels in place of their values (plug-in approximation).
+    with scale $s_{kc} = \exp(\max(\ell_{kc}, \ell_{\min}))$ ($\ell_{\min}$ = ``min_log_scale``,
+    $-7$ as in openai/pixel-cnn). For RGB the coupling is PixelCNN++'s
+    $\mu_G = m_G + \tanh(\alpha_{GR}) \tilde x_R$,
+    $\mu_B = m_B + \tanh(\alpha_{BR}) \tilde x_R + \tanh(\alpha_{BG}) \tilde x_G$, and the
+    parameter layout is openai/pixel-cnn's NHWC layout (``l[..., K:]`` reshaped to
+    ``(3, 3K)``) moved to NCHW: $P = 10K$.
 
     !!! note "Numerics"
         Everything is in log space and finite, with finite gradients, for any finite
@@ -114,21 +75,14 @@ class DiscretizedLogisticMixtureDistribution(LocationScaleMixtureDistribution):
         images stay finite. The formula is written once, in
         ``discretelik/heads/mixture/formula.py`` and ``mixture/logistic.py``.
 
-    **Implementations** (``log_prob_backend``; all give the same values and gradients up to
-    rounding):
+    **Implementations** (``log_prob_backend``): ``"eager"`` and ``"lean"`` as for every mixture
+    head, and
 
-    - ``"eager"``: the formula under plain autograd, all components at once; twice
-      differentiable, but it saves many ``sample_shape + batch_shape + (K, C, H, W)``
-      temporaries for backward;
-    - ``"lean"``: one autograd node that loops over the components in forward and backward
-      and keeps no ``K``-fold temporaries; backward recomputes each component's masses
-      through the same formula under autograd (any device, float32/64);
     - ``"triton"``: two Triton kernels, a checked translation of the formula, one GPU program
       per block of pixels; float32 on CUDA, levels without sample dimensions;
     - ``"auto"`` (default): ``"triton"`` for float32 on a CUDA GPU of compute capability 7.5
       or newer with an importable Triton (otherwise one warning and the PyTorch paths),
-      ``"lean"`` on CPU, ``"eager"`` elsewhere. While ``torch.compile`` traces, ``"lean"`` is
-      answered by ``"eager"`` (the compiler fuses it); the Triton kernels are registered
+      ``"lean"`` on CPU, ``"eager"`` elsewhere. The Triton kernels are registered
       ``torch.library`` operators, which a compiled graph calls without a graph break.
 
     Args:

@@ -15,14 +15,14 @@ channels); the rows:
 * ``eager DLM head``: ``DiscretizedLogisticMixtureDistribution.log_prob`` on its eager
   reference path (``log_prob_backend = "eager"``): stable log-space bin masses of all
   ``(K, C)`` component-channel pairs at once, plain autograd;
-* ``lean DLM head``: the default path on CPU, ``discretelik.heads._fused_dlm``: one autograd
-  node that saves only the raw parameters, the levels and one ``(B, C, H, W)`` tensor, and
-  loops over the components in forward and (recomputing the bin masses) twice in backward;
-* ``triton DLM head`` (CUDA only): ``log_prob_backend = "triton"``,
-  ``discretelik.heads._triton_dlm``: the lean path's math as two Triton kernels, one program per
-  block of pixels, the component loop in registers (opt-in: not the CUDA default until it has
-  run on a GPU, ``DEFAULT_ON_CUDA``). Skipped (with a note) on CPU, where Triton would only
-  interpret it.
+* ``lean DLM head``: ``log_prob_backend = "lean"``, the default on CPU
+  (``discretelik.heads.mixture.lean``): one autograd node that saves only the raw parameters,
+  the levels and one ``(B, C, H, W)`` tensor, loops over the components in forward and twice in
+  backward, recomputing each one's bin masses through the formula under autograd;
+* ``triton DLM head`` (CUDA only): ``log_prob_backend = "triton"``, the default for float32 on
+  CUDA (``discretelik.heads.mixture.triton``): the formula as two Triton kernels, one program
+  per block of pixels, the component loop in registers. Skipped (with a note) on CPU, where
+  Triton would only interpret it.
 
 ``--head gaussian``: a 10-component discretized Gaussian mixture with coupled channels, the same
 ``P = 100`` layout; the rows, the first the base of the ratios:
@@ -30,7 +30,7 @@ channels); the rows:
 * ``eager Gaussian head``: ``DiscretizedGaussianDistribution.log_prob`` on its eager reference
   path (``log_prob_backend = "eager"``; the default on CUDA);
 * ``lean Gaussian head``: ``log_prob_backend = "lean"`` (the default on CPU for ``K > 1``),
-  ``discretelik.heads._lean_mixture``: one autograd node that saves only the raw parameters,
+  ``discretelik.heads.mixture.lean``: one autograd node that saves only the raw parameters,
   the levels and one ``(B, C, H, W)`` tensor, loops over the components and recomputes each
   one's bin masses under autograd in backward.
 
@@ -44,7 +44,7 @@ channel-major layout (``C`` blocks of 256); the rows:
   log-likelihood in nats, so the function returns its negative and the values agree;
 * ``eager softmax head``: ``DiscreteSoftmaxDistribution.log_prob`` with
   ``log_prob_backend = "eager"``: the normaliser from ``exp(logits - peak)`` by plain autograd;
-* ``lean softmax head``: the default path, ``discretelik.heads._lean_softmax``: one autograd
+* ``lean softmax head``: the default path, ``discretelik.heads.softmax_lean``: one autograd
   node that saves only the logits, the levels and the per-sub-pixel normaliser, and whose
   backward writes ``one_hot - softmax`` straight into the gradient.
 
@@ -79,7 +79,8 @@ and then ``--repeats`` times; the table gives
 
 The head rows (and the softmax baseline) also report the largest difference of their mean
 log-likelihood and gradient from the head's eager path (a sanity check, not a test; the tests
-are ``tests/test_fused_dlm.py``, ``test_lean_gaussian.py`` and ``test_lean_softmax.py``).
+run every (head, backend) pair through one contract: ``tests/test_head_contract.py``, and
+``tests/test_triton_dlm.py``).
 
     python examples/benchmarks/likelihood.py                       # CUDA if there, B = 64
     OMP_NUM_THREADS=1 python examples/benchmarks/likelihood.py --device cpu --batch 16
@@ -182,12 +183,14 @@ def softmax_port_style(logits: Tensor, x: Tensor) -> Tensor:
 def head(backend: str, kind: str = "dlm") -> Callable[[Tensor, Tensor], Tensor]:
     def run(params: Tensor, x: Tensor) -> Tensor:
         if kind == "softmax":
-            dist = DiscreteSoftmaxDistribution(params, C, BINS, validate_args=False)
+            dist = DiscreteSoftmaxDistribution(
+                params, C, BINS, validate_args=False, log_prob_backend=backend
+            )
         else:
             cls = DiscretizedLogisticMixtureDistribution if kind == "dlm" \
                 else DiscretizedGaussianDistribution
-            dist = cls(params, channels=C, mixtures=K, bins=BINS, validate_args=False)
-        dist.log_prob_backend = backend
+            dist = cls(params, channels=C, mixtures=K, bins=BINS, validate_args=False,
+                       log_prob_backend=backend)
         return dist.log_prob(x).mean()
 
     return run

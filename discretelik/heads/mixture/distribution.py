@@ -74,28 +74,87 @@ def mixture_backends(*extra: LogProbBackend) -> MappingProxyType:
 
 
 class LocationScaleMixtureDistribution(DiscreteImageDistribution):
-    """Base of the discretized mixture distributions; see the family subclasses for the math.
+    r"""A mixture of discretized location-scale components per pixel, with coupled channels.
 
-    A subclass names its continuous ``family`` (a [`Family`][discretelik.heads.mixture.formula.Family])
-    and its table of implementations; everything here calls only the shared formula.
+    What every discretized mixture head shares; a family (the logistic of
+    [`DiscretizedLogisticMixtureDistribution`][discretelik.DiscretizedLogisticMixtureDistribution],
+    the normal of [`DiscretizedGaussianDistribution`][discretelik.DiscretizedGaussianDistribution])
+    supplies its continuous CDF $F$. The formula is written once, in
+    ``discretelik/heads/mixture/formula.py``.
+
+    **Binning.** A level $x \in \{0, \dots, B-1\}$ ($B$ = ``bins``) sits at the bin centre
+    $\tilde x = 2x/(B-1) - 1 \in [-1, 1]$; bins have half-width $\delta = 1/(B-1)$, and the edge
+    bins are open: level $0$ covers $(-\infty, -1 + \delta]$ and level $B - 1$ covers
+    $[1 - \delta, \infty)$.
+
+    **Likelihood of a pixel.** With $\pi = \mathrm{softmax}(\text{logits})$ over $K$ components
+    shared by the $C$ channels of the pixel,
+
+    $$
+    p(x_0, \dots, x_{C-1}) = \sum_{k=1}^{K} \pi_k \prod_{c=0}^{C-1} P_k(x_c \mid x_{<c}),
+    $$
+
+    where $P_k(x_c \mid x_{<c})$ is the mass that $F((\cdot - \mu_{kc}) / s_{kc})$ gives the bin
+    of $x_c$, with scale $s_{kc} = \exp(\max(\ell_{kc}, \ell_{\min}))$ ($\ell_{\min}$ =
+    ``min_log_scale``; the clamp is part of the model: log-scales below it act as $\ell_{\min}$
+    and get no gradient) and the coupled location
+
+    $$
+    \mu_{kc} = m_{kc} + \sum_{j<c} \tanh(\alpha_{k,cj})\, \tilde x_j
+    $$
+
+    (no $\alpha$ terms with ``coupling=False``: the channels are then independent given the
+    component). ``elementwise_log_prob`` gives channel $c$ the conditional
+    $\log p(x_{\le c}) - \log p(x_{<c})$ (the component marginalised out through its posterior
+    given $x_{<c}$), so the channels of a pixel sum to $\log p(x_0, \dots, x_{C-1})$.
+
+    **Parameter layout** (channel axis of ``params``, $M = C(C-1)/2$ with coupling, else 0):
+    $P = K(1 + 2C + M)$, i.e. $10K$ for RGB with coupling, $7K$ without, $3K$ for $C = 1$.
+
+    - channels $[0, K)$: the logits;
+    - then one slot per image channel $c = 0, \dots, C-1$, in order: $K$ locations
+      $m_{\cdot c}$, $K$ log-scales $\ell_{\cdot c}$, then $n_c$ blocks of $K$ coefficients.
+
+    The $M$ coefficient blocks are ordered by pair $(c, j)$, $j < c$:
+    $\alpha_{10}, \alpha_{20}, \alpha_{21}, \alpha_{30}, \dots$ (block $c(c-1)/2 + j$), and dealt
+    out in that order over the slots, $n_c = \lfloor M/C \rfloor + [c < M \bmod C]$ (for RGB:
+    $\alpha_{GR}, \alpha_{BR}, \alpha_{BG}$ in the R, G, B slots, as openai/pixel-cnn).
+
+    **Sampling** draws a component per pixel (Gumbel-max), then channel by channel a draw of
+    the family by inverse CDF, coupled on the already drawn levels, rounded to the nearest
+    level (beyond the edges: the edge level). All randomness comes from ``generator`` when
+    given.
 
     **Summaries per sub-pixel** (in levels, without gradient: they enumerate levels):
 
     - ``mean`` and ``variance``: of each sub-pixel's marginal, from
-      $E[X] = \\sum_{j \\ge 1} P(X \\ge j)$ and $E[X^2] = \\sum_{j \\ge 1} (2j - 1) P(X \\ge j)$
-      per component. Exact for channel 0 and without coupling; with coupling exact while
-      ``bins ** channels <= 2 ** 16`` (the joint of the earlier channels is enumerated),
-      otherwise channel ``c``'s location uses each component's mean of the earlier channels in
-      place of their values (a plug-in approximation, which leaves out the spread that the
-      earlier channels add through the coupling). ``mean`` lies in ``[0, bins - 1]``.
+      $E[X] = \sum_{j \ge 1} P(X \ge j)$ and $E[X^2] = \sum_{j \ge 1} (2j - 1) P(X \ge j)$ per
+      component. Exact for channel 0 and without coupling; with coupling exact while
+      $B^C \le 2^{16}$ (the joint of the earlier channels is enumerated), otherwise channel
+      $c$'s location uses each component's mean of the earlier channels in place of their
+      values (a plug-in approximation, which leaves out the spread that the earlier channels
+      add through the coupling). ``mean`` lies in $[0, B - 1]$; ``stddev`` is
+      $\sqrt{\text{variance}}$.
     - ``mode``: channel 0's marginal mode, then for each later channel the mode of its
-      conditional given the earlier channels at their modes (the component posterior included),
-      i.e. a greedy decoding of each pixel. Without coupling and with one component it is
-      each channel's marginal mode; in general it is not the joint mode of the pixel, which
-      would need a search over ``bins ** channels`` values.
+      conditional given the earlier channels at their modes (the component posterior
+      included), i.e. a greedy decoding of each pixel. Without coupling and with one component
+      it is each channel's marginal mode; in general it is not the joint mode of the pixel,
+      which would need a search over $B^C$ values.
+    - ``entropy`` has no closed form for a mixture and raises ``NotImplementedError``.
+
+    **Implementations** (``log_prob_backend``), besides the family's own:
+
+    - ``"eager"``: the formula under plain autograd, all components at once; twice
+      differentiable, but it saves many ``sample_shape + batch_shape + (K, C, H, W)``
+      temporaries for backward;
+    - ``"lean"``: one autograd node that loops over the components in forward and backward
+      and keeps no ``K``-fold temporaries (it saves the parameters, the levels and one
+      ``sample_shape + batch_shape + (C, H, W)`` tensor); backward recomputes each component's
+      masses through the same formula under autograd (any device, float32/64). While
+      ``torch.compile`` traces it is answered by ``"eager"``, which the compiler fuses.
 
     Args:
-        params: Raw parameters ``batch_shape + (P, H, W)``; layout as in the subclass docstring.
+        params: Raw parameters ``batch_shape + (P, H, W)``; layout above.
         channels: Image channels ``C``.
         mixtures: Components ``K``.
         bins: Levels per sub-pixel.
