@@ -4,11 +4,36 @@ Every check takes a [`Head`][discretelik.Head] instance (a built-in one, or a pl
 only the public contract: ``head.channels``, ``head.bins``, ``head.in_channels``,
 ``head.param_channels``, ``head(features)``, ``head.distribution(params, validate_args=)`` and,
 on the distribution, ``log_prob``, ``elementwise_log_prob``, ``sample(sample_shape,
-generator=)``, ``mean``, ``expand``, ``batch_shape``, ``event_shape`` and ``support``.
+generator=)``, ``mean``, ``expand``, ``batch_shape``, ``event_shape`` and ``support`` (and,
+where the distribution has them, ``variance``, ``stddev``, ``mode``, ``entropy`` and the
+``log_prob_backend`` / ``log_prob_backends`` pair).
+
+The contract is split into named checks, each a function of the head (and optional sizes and
+seed) that [`check_head_contract`][discretelik.testing.check_head_contract] runs in turn
+(``CONTRACT_CHECKS``):
+
+* ``check_shapes``: ``head.params``, ``batch_shape`` and ``event_shape``;
+* ``check_support``: the integer-interval support and its ``check``;
+* ``check_sampling``: shapes, ``int64``, range, generator reproducibility, global RNG untouched;
+* ``check_log_prob_shapes``: ``log_prob`` shapes and dtypes, the sum of
+  ``elementwise_log_prob``, integer dtypes of the levels, refusals that name their reason;
+* ``check_pixel_independence``: pixels independent given the parameters;
+* ``check_mean``: ``mean`` (and ``variance``, ``stddev``, ``mode`` where provided);
+* ``check_expand``: ``expand`` keeps shapes, values and ``log_prob_backend``;
+* ``check_validation``: ``validate_args`` per instance, after ``expand`` and globally, for
+  out-of-range levels and NaN / +-inf parameters;
+* ``check_bad_input``: argument errors that name the argument;
+* ``check_not_provided``: ``rsample``, ``cdf``, ``icdf``, ``enumerate_support`` (and
+  ``entropy`` unless exact) raise ``NotImplementedError`` with a reason.
+
+Beyond the contract: ``check_head_normalization`` and ``check_head_mean`` enumerate every
+pixel value, ``check_sampling_matches_log_prob`` / ``check_samples_match_log_prob`` run a
+chi-square test of the sampler, ``check_head_finite`` tries extreme parameters and
+``check_channel_groups`` a grouped projection.
 
 A failed check raises ``AssertionError`` with a message that says what was expected and what
 was found; a bad argument to a check raises ``ValueError``. Our own test-suite runs these on
-every registered head:
+every registered head and every log-likelihood implementation:
 
 ```python
 from discretelik import create_head
@@ -23,7 +48,8 @@ check_head_normalization(head)
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,13 +57,24 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 __all__ = [
+    "CONTRACT_CHECKS",
+    "check_bad_input",
     "check_channel_groups",
+    "check_expand",
     "check_head_contract",
     "check_head_finite",
     "check_head_mean",
     "check_head_normalization",
+    "check_log_prob_shapes",
+    "check_mean",
+    "check_not_provided",
+    "check_pixel_independence",
     "check_samples_match_log_prob",
+    "check_sampling",
     "check_sampling_matches_log_prob",
+    "check_shapes",
+    "check_support",
+    "check_validation",
     "enumerate_levels",
 ]
 
@@ -130,7 +167,7 @@ def _joint_log_probs(dist: Distribution, channels: int, bins: int, device: torch
     n, _, h, w = dist.batch_shape + dist.event_shape
     grid = enumerate_levels(channels, bins, device)  # (M, C)
     values = grid[:, None, :, None, None].expand(-1, n, -1, h, w)  # (M, N, C, H, W)
-    elp = dist.elementwise_log_prob(values)
+    elp = _elementwise_over(dist, values)
     if tuple(elp.shape) != tuple(values.shape):
         raise AssertionError(
             f"elementwise_log_prob must return the value's shape {tuple(values.shape)}, "
@@ -307,7 +344,7 @@ def check_samples_match_log_prob(
 
     grid = enumerate_levels(channels, bins, samples.device)
     values = grid.reshape(-1, *dist.batch_shape, channels, 1, 1)
-    prob = dist.log_prob(values).detach().double().exp().reshape(-1).cpu().numpy()
+    prob = _elementwise_over(dist, values).sum(dim=(-3, -2, -1)).detach().double().exp().reshape(-1).cpu().numpy()
     prob = prob / prob.sum()
     n = observed.sum()
     expected = prob * n
@@ -397,38 +434,63 @@ def check_sampling_matches_log_prob(
     )
 
 
-def check_head_contract(
-    head: torch.nn.Module,
-    *,
-    batch: int = 2,
-    height: int = 3,
-    width: int = 2,
-    seed: int = 0,
+# -- the contract, one named check per part ----------------------------------------------------
+@dataclass(frozen=True)
+class _Setup:
+    """What every contract check starts from: one distribution from random features."""
+
+    features: Tensor  # (B, F, H, W)
+    params: Tensor  # (B, P, H, W), head.params(features)
+    dist: Distribution  # head(features)
+    x: Tensor  # one sample, int64 (B, C, H, W)
+    batch: int
+    event: tuple[int, int, int]  # (C, H, W)
+    device: torch.device
+
+
+def _setup(head: torch.nn.Module, batch: int, height: int, width: int, seed: int) -> _Setup:
+    if width < 2 or height < 1 or batch < 1:
+        raise ValueError(
+            f"need batch >= 1, height >= 1 and width >= 2, got {batch}, {height}, {width}"
+        )
+    device = _device(head)
+    gen = torch.Generator().manual_seed(seed)
+    f_ch = head.param_channels if head.in_channels is None else head.in_channels
+    features = torch.randn(batch, f_ch, height, width, generator=gen).to(device)
+    with torch.no_grad():
+        dist = head(features)
+        params = head.params(features)
+    x = dist.sample(generator=torch.Generator(device=device).manual_seed(seed))
+    event = (head.channels, height, width)
+    return _Setup(features, params, dist, x, batch, event, device)
+
+
+def _refusal(dist: Distribution, value: Tensor) -> str | None:
+    """Why the log-likelihood implementation that ``dist`` names refuses ``value``.
+
+    ``None`` when it computes the call, or when ``dist`` names no implementation (a
+    distribution without ``log_prob_backends``, or ``"auto"``, which always finds one).
+    """
+    table = getattr(dist, "log_prob_backends", None)
+    name = getattr(dist, "log_prob_backend", None)
+    if not isinstance(table, Mapping) or name not in table:
+        return None
+    return table[name].unsupported(dist, value)
+
+
+def _elementwise_over(dist: Distribution, values: Tensor) -> Tensor:
+    """``elementwise_log_prob`` of ``values`` with leading sample dimensions; an implementation
+    that refuses sample dimensions gets them moved into the batch through ``expand``."""
+    if _refusal(dist, values) is None:
+        return dist.elementwise_log_prob(values)
+    sample = values.shape[: values.dim() - len(dist.batch_shape) - len(dist.event_shape)]
+    return dist.expand(sample + dist.batch_shape).elementwise_log_prob(values)
+
+
+def check_shapes(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
 ) -> None:
-    """Check shapes, dtypes, ``expand``, ``support``, ``validate_args`` and argument errors.
-
-    On features (or raw parameters for a head without projection) of shape
-    ``(batch, F, height, width)`` it checks that:
-
-    * ``batch_shape == (B,)``, ``event_shape == (C, H, W)``; ``support`` is the integer interval
-      ``[0, bins - 1]`` over 3 event dimensions;
-    * ``sample(sample_shape, generator=)`` returns ``int64`` of shape
-      ``sample_shape + (B, C, H, W)`` within the support, the same seed gives the same draw and
-      the global random state is left untouched;
-    * ``log_prob`` returns ``sample_shape + (B,)`` (float32 for float32 parameters), finite and
-      ``<= 0``, equal to ``elementwise_log_prob`` summed over ``(C, H, W)``, the same for every
-      integer dtype that holds the levels; pixels are independent given the parameters
-      (changing one pixel changes only its terms);
-    * ``mean`` is a finite float ``(B, C, H, W)`` within ``[0, bins - 1]``;
-    * ``expand((3, B))`` gives ``batch_shape (3, B)`` and the same ``log_prob``;
-    * ``validate_args`` is honoured per instance, after ``expand`` and through
-      ``torch.distributions.Distribution.set_default_validate_args`` (restored afterwards);
-    * bad input raises, with the argument, the expectation and the received value in the
-      message: levels outside ``[0, bins - 1]`` (``ValueError``), float or bool values
-      (``TypeError``, also with validation off), values of the wrong channel count or spatial
-      size, parameters with the wrong channel count, NaN parameters under validation
-      (``ValueError``), integer parameters (``TypeError``) and features with the wrong channel
-      count (``ValueError``).
+    """Check ``head.params`` ``(B, P, H, W)``, ``batch_shape (B,)`` and ``event_shape (C, H, W)``.
 
     Args:
         head: The head to check (with or without projection).
@@ -440,32 +502,33 @@ def check_head_contract(
     Raises:
         AssertionError: A check failed.
     """
-    if width < 2 or height < 1 or batch < 1:
-        raise ValueError(
-            f"need batch >= 1, height >= 1 and width >= 2, got {batch}, {height}, {width}"
-        )
-    channels, bins, p_ch = head.channels, head.bins, head.param_channels
-    device = _device(head)
-    gen = torch.Generator().manual_seed(seed)
-    f_ch = p_ch if head.in_channels is None else head.in_channels
-    features = torch.randn(batch, f_ch, height, width, generator=gen).to(device)
-    event = (channels, height, width)
-
-    with torch.no_grad():
-        dist = head(features)
-        params = head.params(features)
-    if tuple(params.shape) != (batch, p_ch, height, width):
+    s = _setup(head, batch, height, width, seed)
+    want = (batch, head.param_channels, height, width)
+    if tuple(s.params.shape) != want or not s.params.is_floating_point():
         raise AssertionError(
-            f"head.params must return (B, param_channels={p_ch}, H, W) = "
-            f"{(batch, p_ch, height, width)}, got {tuple(params.shape)}"
+            f"head.params must return float (B, param_channels={head.param_channels}, H, W) = "
+            f"{want}, got {s.params.dtype} {tuple(s.params.shape)}"
         )
-    if tuple(dist.batch_shape) != (batch,) or tuple(dist.event_shape) != event:
+    if tuple(s.dist.batch_shape) != (batch,) or tuple(s.dist.event_shape) != s.event:
         raise AssertionError(
-            f"expected batch_shape {(batch,)} and event_shape {event}, got "
-            f"{tuple(dist.batch_shape)} and {tuple(dist.event_shape)}"
+            f"expected batch_shape {(batch,)} and event_shape {s.event}, got "
+            f"{tuple(s.dist.batch_shape)} and {tuple(s.dist.event_shape)}"
         )
 
-    support = dist.support
+
+def check_support(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check that ``support`` is ``independent(integer_interval(0, bins - 1), 3)`` and says so.
+
+    ``support.check`` must accept the distribution's own samples and reject levels ``-1`` and
+    ``bins``. Arguments as for [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    bins, support = head.bins, s.dist.support
     base = getattr(support, "base_constraint", None)
     if not (
         support.is_discrete
@@ -476,11 +539,33 @@ def check_head_contract(
         raise AssertionError(
             f"support must be independent(integer_interval(0, {bins - 1}), 3), got {support!r}"
         )
+    if not bool(support.check(s.x).all()):
+        raise AssertionError("support.check rejects the distribution's own samples")
+    for bad_level in (-1, bins):
+        bad = s.x.clone()
+        bad[0, 0, 0, 0] = bad_level
+        if bool(support.check(bad)[0]):
+            raise AssertionError(f"support.check accepts an image holding level {bad_level}")
 
-    # -- sampling ------------------------------------------------------------------------
+
+def check_sampling(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check ``sample``: shape, ``int64``, range, reproducible from a generator, global RNG kept.
+
+    ``sample(sample_shape, generator=)`` must return ``int64`` of shape
+    ``sample_shape + (B, C, H, W)`` within ``[0, bins - 1]`` (and ``support.check``), the same
+    seed must give the same draw, and the global random state must be left untouched. Arguments
+    as for [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    dist, bins, device = s.dist, head.bins, s.device
     for sample_shape in [(), (4,), (2, 3)]:
         x = dist.sample(sample_shape, generator=torch.Generator(device=device).manual_seed(seed))
-        want = (*sample_shape, batch, *event)
+        want = (*sample_shape, batch, *s.event)
         if tuple(x.shape) != want or x.dtype != torch.int64:
             raise AssertionError(
                 f"sample({sample_shape}) must return int64 of shape {want}, got {x.dtype} "
@@ -490,34 +575,8 @@ def check_head_contract(
             raise AssertionError(
                 f"samples must lie in [0, {bins - 1}], got [{int(x.min())}, {int(x.max())}]"
             )
-        if not bool(support.check(x).all()):
+        if not bool(dist.support.check(x).all()):
             raise AssertionError("support.check rejects the distribution's own samples")
-        lp = dist.log_prob(x)
-        if tuple(lp.shape) != (*sample_shape, batch):
-            raise AssertionError(
-                f"log_prob of a {want} value must have shape {(*sample_shape, batch)}, got "
-                f"{tuple(lp.shape)}"
-            )
-        if params.dtype == torch.float32 and lp.dtype != torch.float32:
-            raise AssertionError(f"log_prob must be float32 for float32 params, got {lp.dtype}")
-        if not bool(torch.isfinite(lp).all() and (lp <= 1e-6).all()):
-            raise AssertionError(f"log_prob of samples must be finite and <= 0, got {lp}")
-        _close(
-            lp,
-            dist.elementwise_log_prob(x).sum(dim=(-3, -2, -1)),
-            "log_prob must equal elementwise_log_prob summed over (C, H, W)",
-            atol=1e-3,
-            rtol=1e-5,
-        )
-
-    for dtype, top in [(torch.int32, 2**31), (torch.int16, 2**15), (torch.uint8, 2**8)]:
-        if bins <= top:  # every integer dtype that can hold the levels is accepted as is
-            _close(
-                dist.log_prob(x.to(dtype)),
-                dist.log_prob(x),
-                f"log_prob of {dtype} levels must equal that of int64 levels",
-                atol=0,
-            )
 
     rng_state = torch.random.get_rng_state()
     first = dist.sample((3,), generator=torch.Generator(device=device).manual_seed(seed + 1))
@@ -529,24 +588,133 @@ def check_head_contract(
     if not torch.equal(first, again):
         raise AssertionError("sample with the same generator seed must give the same values")
 
-    x = dist.sample(generator=torch.Generator(device=device).manual_seed(seed))
-    changed = x.clone()
-    changed[:, :, 0, 0] = (changed[:, :, 0, 0] + 1) % bins
-    keep = torch.ones_like(x, dtype=torch.bool)
+
+def check_log_prob_shapes(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check ``log_prob``'s shape and dtype, its sum of ``elementwise_log_prob``, level dtypes.
+
+    For values of shape ``sample_shape + (B, C, H, W)`` ``log_prob`` must return
+    ``sample_shape + (B,)``, float32 for float32 parameters (float64 for float64 ones), finite
+    and ``<= 0``, equal to ``elementwise_log_prob`` (of the value's shape) summed over
+    ``(C, H, W)``, and the same for every integer dtype that holds the levels. An implementation
+    that refuses a call (``log_prob_backends[name].unsupported``, e.g. levels with sample
+    dimensions for the Triton kernels) must raise a ``ValueError`` that names
+    ``log_prob_backend`` and the reason. Arguments as for
+    [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    dist, bins = s.dist, head.bins
+    for sample_shape in [(), (4,), (2, 3)]:
+        x = dist.sample(sample_shape, generator=torch.Generator(device=s.device).manual_seed(seed))
+        want = (*sample_shape, batch, *s.event)
+        reason = _refusal(dist, x)
+        if reason is not None:
+            _expect_error(
+                ValueError,
+                ["log_prob_backend", reason],
+                lambda x=x: dist.log_prob(x),
+                f"log_prob of a {want} value that log_prob_backend={dist.log_prob_backend!r} "
+                "cannot compute",
+            )
+            continue
+        lp = dist.log_prob(x)
+        if tuple(lp.shape) != (*sample_shape, batch):
+            raise AssertionError(
+                f"log_prob of a {want} value must have shape {(*sample_shape, batch)}, got "
+                f"{tuple(lp.shape)}"
+            )
+        if s.params.dtype == torch.float32 and lp.dtype != torch.float32:
+            raise AssertionError(f"log_prob must be float32 for float32 params, got {lp.dtype}")
+        if not bool(torch.isfinite(lp).all() and (lp <= 1e-6).all()):
+            raise AssertionError(f"log_prob of samples must be finite and <= 0, got {lp}")
+        elp = dist.elementwise_log_prob(x)
+        if tuple(elp.shape) != want:
+            raise AssertionError(
+                f"elementwise_log_prob must return the value's shape {want}, got "
+                f"{tuple(elp.shape)}"
+            )
+        _close(
+            lp,
+            elp.sum(dim=(-3, -2, -1)),
+            "log_prob must equal elementwise_log_prob summed over (C, H, W)",
+            atol=1e-3,
+            rtol=1e-5,
+        )
+
+    x = s.x
+    for dtype, top in [(torch.int32, 2**31), (torch.int16, 2**15), (torch.uint8, 2**8)]:
+        if bins <= top:  # every integer dtype that can hold the levels is accepted as is
+            _close(
+                dist.log_prob(x.to(dtype)),
+                dist.log_prob(x),
+                f"log_prob of {dtype} levels must equal that of int64 levels",
+                atol=0,
+            )
+    wide = head.distribution(s.params.double())
+    if _refusal(wide, x) is None:
+        lp = wide.log_prob(x)
+        if lp.dtype != torch.float64:
+            raise AssertionError(f"log_prob must be float64 for float64 params, got {lp.dtype}")
+
+
+def check_pixel_independence(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check that pixels are independent given the parameters: changing one pixel's value
+    changes only that pixel's ``elementwise_log_prob``. Arguments as for
+    [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    changed = s.x.clone()
+    changed[:, :, 0, 0] = (changed[:, :, 0, 0] + 1) % head.bins
+    keep = torch.ones_like(s.x, dtype=torch.bool)
     keep[:, :, 0, 0] = False  # every pixel but the changed one
     _close(
-        dist.elementwise_log_prob(changed)[keep],
-        dist.elementwise_log_prob(x)[keep],
+        s.dist.elementwise_log_prob(changed)[keep],
+        s.dist.elementwise_log_prob(s.x)[keep],
         "elementwise_log_prob at one pixel must not depend on the values of other pixels",
         atol=1e-6,
         rtol=1e-6,
     )
 
-    # -- mean ----------------------------------------------------------------------------
+
+def _provided(dist: Distribution, name: str) -> Tensor | None:
+    """``getattr(dist, name)``, or ``None`` where it raises ``NotImplementedError``."""
+    try:
+        return getattr(dist, name)
+    except NotImplementedError:
+        return None
+
+
+def check_mean(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check ``mean`` (and ``variance``, ``stddev``, ``mode`` where provided): shape, range.
+
+    ``mean`` must be a finite float ``(B, C, H, W)`` within ``[0, bins - 1]``. Where provided
+    (not raising ``NotImplementedError``): ``variance`` finite, of that shape, within
+    ``[0, ((bins - 1) / 2)^2]`` (the largest variance on ``[0, bins - 1]``); ``stddev`` its
+    square root; ``mode`` ``int64`` levels of that shape. Arguments as for
+    [`check_shapes`][discretelik.testing.check_shapes]; [`check_head_mean`][discretelik.testing.check_head_mean]
+    checks the mean's value.
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    dist, bins = s.dist, head.bins
+    want = (batch, *s.event)
     mean = dist.mean
-    if tuple(mean.shape) != (batch, *event) or not mean.is_floating_point():
+    if tuple(mean.shape) != want or not mean.is_floating_point():
         raise AssertionError(
-            f"mean must be a float tensor {(batch, *event)}, got {mean.dtype} {tuple(mean.shape)}"
+            f"mean must be a float tensor {want}, got {mean.dtype} {tuple(mean.shape)}"
         )
     slack = 1e-5 * bins
     inside = (mean >= -slack) & (mean <= bins - 1 + slack)
@@ -555,13 +723,56 @@ def check_head_contract(
             f"mean must be finite and within [0, {bins - 1}], got values in "
             f"[{float(mean.min())}, {float(mean.max())}]"
         )
+    variance = _provided(dist, "variance")
+    if variance is not None:
+        top = ((bins - 1) / 2) ** 2
+        if tuple(variance.shape) != want or not variance.is_floating_point():
+            raise AssertionError(
+                f"variance must be a float tensor {want}, got {variance.dtype} "
+                f"{tuple(variance.shape)}"
+            )
+        if not bool(torch.isfinite(variance).all() and (variance >= 0).all()):
+            raise AssertionError(f"variance must be finite and >= 0, got min {variance.min()}")
+        if not bool((variance <= top * (1 + 1e-5) + 1e-6).all()):
+            raise AssertionError(
+                f"variance of levels in [0, {bins - 1}] must be <= {top}, got {variance.max()}"
+            )
+        stddev = _provided(dist, "stddev")
+        if stddev is not None:
+            _close(stddev, variance.sqrt(), "stddev must be variance.sqrt()", atol=1e-6, rtol=1e-5)
+    mode = _provided(dist, "mode")
+    if mode is not None:
+        if tuple(mode.shape) != want or mode.dtype != torch.int64:
+            raise AssertionError(
+                f"mode must be int64 levels {want}, got {mode.dtype} {tuple(mode.shape)}"
+            )
+        if bool((mode < 0).any() or (mode > bins - 1).any()):
+            raise AssertionError(f"mode must lie in [0, {bins - 1}]")
 
-    # -- expand --------------------------------------------------------------------------
+
+def check_expand(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check that ``expand((3, B))`` gives ``batch_shape (3, B)``, the same ``log_prob``,
+    samples and mean of the new shape, and keeps ``log_prob_backend``. Arguments as for
+    [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    dist, x, event = s.dist, s.x, s.event
     big = dist.expand(torch.Size((3, batch)))
     if tuple(big.batch_shape) != (3, batch) or tuple(big.event_shape) != event:
         raise AssertionError(
             f"expand((3, {batch})) must give batch_shape (3, {batch}) and event_shape {event}, "
             f"got {tuple(big.batch_shape)} and {tuple(big.event_shape)}"
+        )
+    backend = getattr(dist, "log_prob_backend", None)
+    if getattr(big, "log_prob_backend", None) != backend:
+        raise AssertionError(
+            f"expand must keep log_prob_backend={backend!r}, got "
+            f"{getattr(big, 'log_prob_backend', None)!r}"
         )
     _close(
         big.log_prob(x.expand(3, *x.shape)),
@@ -575,7 +786,26 @@ def check_head_contract(
     if tuple(big.mean.shape) != (3, batch, *event):
         raise AssertionError(f"the expanded distribution's mean must be (3, {batch}, *{event})")
 
-    # -- validate_args and bad input -----------------------------------------------------
+
+def check_validation(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check that ``validate_args`` is honoured per instance, after ``expand`` and globally.
+
+    With validation on, levels outside ``[0, bins - 1]`` make ``log_prob`` raise a
+    ``ValueError`` naming ``value``, the bound and the level (also after ``expand``), and NaN,
+    ``+inf`` or ``-inf`` parameters make the constructor raise a ``ValueError`` naming
+    ``params``; with it off (``validate_args=False``, or ``None`` while
+    ``torch.distributions.Distribution.set_default_validate_args(False)``) non-finite
+    parameters are accepted. The global default is restored afterwards. Arguments as for
+    [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    bins, x, params = head.bins, s.x, s.params
+
     def dist_of(p: Tensor, validate: bool | None = None) -> Distribution:
         return head.distribution(p, validate_args=validate)
 
@@ -595,6 +825,60 @@ def check_head_contract(
             lambda bad=bad: on.expand(torch.Size((3, batch))).log_prob(bad.expand(3, *bad.shape)),
             "validate_args must survive expand",
         )
+    default = Distribution._validate_args
+    try:
+        for bad_value in (float("nan"), float("inf"), float("-inf")):
+            bad_params = params.clone()
+            bad_params[0, 0, 0, 0] = bad_value
+            _expect_error(
+                ValueError,
+                ["params"],
+                lambda p=bad_params: dist_of(p, True),
+                f"{bad_value} params, validate_args=True",
+            )
+            dist_of(bad_params, False)  # validation off per instance: no check, no error
+            Distribution.set_default_validate_args(False)
+            dist_of(bad_params)  # follows the global default: no error
+            _expect_error(
+                ValueError,
+                ["params"],
+                lambda p=bad_params: dist_of(p, True),
+                f"{bad_value} params with validate_args=True while the global default is off",
+            )
+            Distribution.set_default_validate_args(True)
+            _expect_error(
+                ValueError,
+                ["params"],
+                lambda p=bad_params: dist_of(p),
+                f"{bad_value} params with validate_args=None while the global default is on",
+            )
+            Distribution.set_default_validate_args(default)
+    finally:
+        Distribution.set_default_validate_args(default)
+
+
+def check_bad_input(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check that bad arguments raise with the argument, the expectation and what was received.
+
+    Float or bool values (``TypeError``, with validation on and off: nothing is cast), values
+    of the wrong channel count or spatial size, parameters with the wrong channel count
+    (``ValueError``), integer parameters (``TypeError``), features with the wrong channel count
+    (``ValueError``) or an integer dtype (``TypeError``), and a ``sample_shape`` that is not a
+    shape (``TypeError``) or holds a negative size (``ValueError``) or a ``generator`` that is
+    not one (``TypeError``). Arguments as for [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    channels, p_ch, x, params, event = head.channels, head.param_channels, s.x, s.params, s.event
+    height, width = event[1:]
+
+    def dist_of(p: Tensor, validate: bool | None = None) -> Distribution:
+        return head.distribution(p, validate_args=validate)
+
     for validate in (True, False):
         for dtype in (torch.float32, torch.bool):
             bad = x.to(dtype)
@@ -604,9 +888,10 @@ def check_head_contract(
                 lambda bad=bad, validate=validate: dist_of(params, validate).log_prob(bad),
                 f"log_prob of a {dtype} value (validate_args={validate}); nothing is cast",
             )
+    on = dist_of(params, True)
     expected_event = ", ".join(map(str, event))  # as in "(C, H, W)" or "(B, C, H, W)"
-    wrong_c = torch.zeros(batch, channels + 1, height, width, dtype=torch.long, device=device)
-    wrong_hw = torch.zeros(batch, channels, height, width + 1, dtype=torch.long, device=device)
+    wrong_c = torch.zeros(batch, channels + 1, height, width, dtype=torch.long, device=s.device)
+    wrong_hw = torch.zeros(batch, channels, height, width + 1, dtype=torch.long, device=s.device)
     for bad in (wrong_c, wrong_hw):
         _expect_error(
             ValueError,
@@ -622,38 +907,10 @@ def check_head_contract(
         f"params with {p_ch - 1} instead of {p_ch} channels",
     )
     _expect_error(
-        TypeError,
-        ["params", str(torch.int64)],
-        lambda: dist_of(params.long()),
-        "integer params",
+        TypeError, ["params", str(torch.int64)], lambda: dist_of(params.long()), "integer params"
     )
-    nan_params = params.clone()
-    nan_params[0, 0, 0, 0] = float("nan")
-    _expect_error(
-        ValueError, ["params"], lambda: dist_of(nan_params, True), "NaN params, validate_args=True"
-    )
-    dist_of(nan_params, False)  # validation off per instance: no check, no error
-    default = Distribution._validate_args
-    try:
-        Distribution.set_default_validate_args(False)
-        dist_of(nan_params)  # follows the global default: no error
-        _expect_error(
-            ValueError,
-            ["params"],
-            lambda: dist_of(nan_params, True),
-            "NaN params with validate_args=True while the global default is off",
-        )
-        Distribution.set_default_validate_args(True)
-        _expect_error(
-            ValueError,
-            ["params"],
-            lambda: dist_of(nan_params),
-            "NaN params with validate_args=None while the global default is on",
-        )
-    finally:
-        Distribution.set_default_validate_args(default)
-
-    bad_features = torch.zeros(batch, f_ch + 1, height, width, device=device)
+    f_ch = s.features.shape[1]
+    bad_features = torch.zeros(batch, f_ch + 1, height, width, device=s.device)
     _expect_error(
         ValueError,
         ["features", str(f_ch), str(tuple(bad_features.shape))],
@@ -661,11 +918,127 @@ def check_head_contract(
         f"features with {f_ch + 1} channels for a head expecting {f_ch}",
     )
     _expect_error(
-        TypeError,
-        ["features"],
-        lambda: head(features.long()),
-        "integer features",
+        TypeError, ["features"], lambda: head(s.features.long()), "integer features"
     )
+    _expect_error(TypeError, ["sample_shape"], lambda: on.sample(3), "sample(3), a bare int")
+    _expect_error(
+        ValueError, ["sample_shape", "-1"], lambda: on.sample((2, -1)), "sample((2, -1))"
+    )
+    _expect_error(
+        TypeError, ["generator"], lambda: on.sample(generator=0), "sample(generator=0)"
+    )
+
+
+def check_not_provided(
+    head: torch.nn.Module, *, batch: int = 2, height: int = 3, width: int = 2, seed: int = 0
+) -> None:
+    """Check that what a discrete image distribution cannot offer raises with a reason.
+
+    ``rsample``, ``cdf``, ``icdf`` and ``enumerate_support`` must raise ``NotImplementedError``
+    with a non-empty message (why, and what to use instead). ``entropy`` either raises the same
+    way or returns a finite float ``(B,)`` tensor within ``[0, C H W log(bins)]``. Arguments as
+    for [`check_shapes`][discretelik.testing.check_shapes].
+
+    Raises:
+        AssertionError: A check failed.
+    """
+    s = _setup(head, batch, height, width, seed)
+    dist = s.dist
+    calls: dict[str, Callable[[], object]] = {
+        "rsample": lambda: dist.rsample(),
+        "cdf": lambda: dist.cdf(s.x),
+        "icdf": lambda: dist.icdf(torch.full(s.x.shape, 0.5, device=s.device)),
+        "enumerate_support": lambda: dist.enumerate_support(),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except NotImplementedError as err:
+            if not str(err).strip():
+                raise AssertionError(
+                    f"{name} raises NotImplementedError without a message; say why it is not "
+                    "provided and what to use instead"
+                ) from err
+            continue
+        except Exception as err:  # noqa: BLE001  (any other error is the failure we report)
+            raise AssertionError(
+                f"{name} must raise NotImplementedError, got {type(err).__name__}: {err}"
+            ) from err
+        raise AssertionError(f"{name} must raise NotImplementedError, but nothing was raised")
+    try:
+        entropy = dist.entropy()
+    except NotImplementedError as err:
+        if not str(err).strip():
+            raise AssertionError(
+                "entropy raises NotImplementedError without a message; say why and what to use "
+                "instead"
+            ) from err
+        return
+    top = math.prod(s.event) * math.log(head.bins)
+    if tuple(entropy.shape) != (batch,) or not entropy.is_floating_point():
+        raise AssertionError(
+            f"entropy must be a float tensor of batch_shape {(batch,)}, got {entropy.dtype} "
+            f"{tuple(entropy.shape)}"
+        )
+    ok = torch.isfinite(entropy) & (entropy >= -1e-5) & (entropy <= top * (1 + 1e-5))
+    if not bool(ok.all()):
+        raise AssertionError(
+            f"entropy must be finite and within [0, C H W log(bins) = {top:.6g}], got "
+            f"{entropy.tolist()}"
+        )
+
+
+#: The named checks [`check_head_contract`][discretelik.testing.check_head_contract] runs, in
+#: order; each takes ``(head, *, batch, height, width, seed)``.
+CONTRACT_CHECKS: tuple[Callable[..., None], ...] = (
+    check_shapes,
+    check_support,
+    check_sampling,
+    check_log_prob_shapes,
+    check_pixel_independence,
+    check_mean,
+    check_expand,
+    check_validation,
+    check_bad_input,
+    check_not_provided,
+)
+
+
+def check_head_contract(
+    head: torch.nn.Module,
+    *,
+    batch: int = 2,
+    height: int = 3,
+    width: int = 2,
+    seed: int = 0,
+) -> None:
+    """Run every named contract check (``CONTRACT_CHECKS``) on ``head``.
+
+    [`check_shapes`][discretelik.testing.check_shapes],
+    [`check_support`][discretelik.testing.check_support],
+    [`check_sampling`][discretelik.testing.check_sampling],
+    [`check_log_prob_shapes`][discretelik.testing.check_log_prob_shapes],
+    [`check_pixel_independence`][discretelik.testing.check_pixel_independence],
+    [`check_mean`][discretelik.testing.check_mean],
+    [`check_expand`][discretelik.testing.check_expand],
+    [`check_validation`][discretelik.testing.check_validation],
+    [`check_bad_input`][discretelik.testing.check_bad_input] and
+    [`check_not_provided`][discretelik.testing.check_not_provided], on features (or raw
+    parameters for a head without projection) of shape ``(batch, F, height, width)``.
+
+    Args:
+        head: The head to check (with or without projection).
+        batch: ``B``.
+        height: ``H`` (at least 1).
+        width: ``W`` (at least 2, so that pixels can be told apart).
+        seed: Seed of the random features and draws.
+
+    Raises:
+        AssertionError: A check failed (the first failure).
+        ValueError: ``batch``, ``height`` or ``width`` out of range.
+    """
+    for check in CONTRACT_CHECKS:
+        check(head, batch=batch, height=height, width=width, seed=seed)
 
 
 def check_head_finite(
