@@ -116,7 +116,7 @@ class AutoregressiveModel(nn.Module):
             >>> images = model.sample(4, (3, 32, 32))  # doctest: +SKIP
         """
         # Imported here: discretelik.train builds on this module.
-        from .train.checkpoint import check_finite_tensors, load_checkpoint
+        from .train.checkpoint import check_finite_tensors, load_checkpoint, state_dict_mismatch
 
         if weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
@@ -138,10 +138,9 @@ class AutoregressiveModel(nn.Module):
         try:
             model.load_state_dict(raw)
         except RuntimeError as exc:  # missing/unexpected keys or shapes
-            first = str(exc).splitlines()[0:2]
             raise ValueError(
                 f"{path}: the weights do not fit the model its model_spec builds: "
-                f"{' '.join(line.strip() for line in first)}"
+                f"{state_dict_mismatch(exc)}"
             ) from exc
         if weights == "ema":
             ema = ckpt.get("ema")

@@ -43,10 +43,18 @@ Examples::
     python examples/train_cifar10.py --eval-only runs/cifar10-gpu/checkpoint.pt
     torchrun --nproc_per_node=8 examples/train_cifar10.py --data DIR --recipe paper
 
-Outputs in ``--out`` (default ``runs/cifar10-<recipe>``): ``metrics.jsonl`` (one JSON record
-per log step: step, train_bpd, test_bpd, images_per_s, lr, wall_s), ``checkpoint.pt`` (model,
-EMA, optimiser, scheduler, RNG states, batch position, step; written atomically),
-``samples_step<N>.png`` and ``settings.json``.
+Outputs in ``--out`` (default ``runs/cifar10-<recipe>``; with ``--resume FILE`` and no
+``--out``, FILE's directory; output paths come only from the command line, never from a
+checkpoint): ``metrics.jsonl`` (one JSON record per log step: step, train_bpd, test_bpd,
+images_per_s, lr, wall_s), ``checkpoint.pt`` (model, EMA, optimiser, scheduler, RNG states,
+batch position, step, the metrics window, the model spec and a SHA-256 digest checked on
+load; written atomically), ``samples_step<N>.png`` and ``settings.json``. Reload a trained
+model with ``discretelik.AutoregressiveModel.from_checkpoint(path)``.
+
+Exit status: 0 on success; 2 with one ``error: ...`` line for a mistake in the flags, the
+data, the output directory or a checkpoint (missing, corrupted, another model's, diverged);
+1 with one line if training diverges (a NaN or infinite loss: the line names the step and
+the last good checkpoint). ``DISCRETELIK_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -67,10 +76,10 @@ from discretelik.data import load_bundled
 from discretelik.data.cifar10 import load_cifar10
 from discretelik.nn.weight_norm import data_dependent_init
 from discretelik.train import (
-    EMA,
     MetricsLog,
     TrainConfig,
     Trainer,
+    checkpoint_step,
     cleanup_distributed,
     evaluate_bpd,
     init_distributed,
@@ -118,6 +127,8 @@ PAPER_GLOBAL_BATCH = 128
 # Settings that a checkpoint's state (optimiser, scheduler, EMA, batch order) brings back.
 RESTORED_ON_RESUME = ("lr", "lr_decay", "warmup_steps", "beta1", "beta2", "ema_decay",
                       "ema_warmup", "seed")
+# Settings a checkpoint of this script must hold (log_prob_backend came later: optional).
+REQUIRED_SETTINGS = sorted({*COMMON, *RECIPES["demo"], "recipe", "data"} - {"log_prob_backend"})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -201,7 +212,31 @@ def resolve(args: argparse.Namespace, base: dict[str, Any] | None, cuda: bool, w
     if s["lr"] is None:
         # Scale from the paper's global batch of 128 by sqrt (the usual rule for Adam).
         s["lr"] = 1e-3 * math.sqrt(s["batch_size"] * world / PAPER_GLOBAL_BATCH)
+    s.setdefault("log_prob_backend", None)
     return s
+
+
+def checked_settings(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The checkpoint's settings, refused by name when this script did not write them."""
+    settings = ckpt.get("settings")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not a checkpoint written by this script (no settings)")
+    missing = [k for k in REQUIRED_SETTINGS if k not in settings]
+    if missing:
+        raise ValueError(f"{path}: the checkpoint's settings lack {missing}")
+    return settings
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` and make sure files can be written there, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def load_data(s: dict[str, Any], download: bool) -> tuple[tuple, tuple, str]:
@@ -216,37 +251,26 @@ def load_data(s: dict[str, Any], download: bool) -> tuple[tuple, tuple, str]:
     return train, test, f"{what}: {len(train[0])} train / {len(test[0])} test images"
 
 
-def model_spec(s: dict[str, Any]) -> dict[str, Any]:
-    """How to rebuild the model: stored in checkpoints so that --eval-only needs nothing else."""
+def runtime_head_kwargs(s: dict[str, Any]) -> dict[str, Any]:
+    """Head options of this process only (not in the checkpoint's model_spec, so that a model
+    trained with a GPU-only backend reloads on a CPU)."""
+    backend = s.get("log_prob_backend")
+    return {} if backend is None else {"log_prob_backend": backend}
+
+
+def build_model(s: dict[str, Any]) -> dl.AutoregressiveModel:
+    """The model of the settings; build records itself in ``model.build_spec``, which the
+    trainer stores in every checkpoint (``model_spec``)."""
     backbone_kwargs = dict(nr_filters=s["nr_filters"], nr_resnet=s["nr_resnet"],
                            dropout=s["dropout"], num_classes=10 if s["conditional"] else None)
-    return dict(backbone=s["backbone"], head=s["head"], preset=s["preset"],
-                backbone_kwargs={k: v for k, v in backbone_kwargs.items() if v is not None},
-                head_kwargs={"mixtures": s["mixtures"]} if s["head"] == "dlm" else {})
-
-
-def build_model(spec: dict[str, Any]) -> dl.AutoregressiveModel:
-    return dl.build(spec["backbone"], spec["head"], preset=spec["preset"],
-                    head_kwargs=spec["head_kwargs"], **spec["backbone_kwargs"])
-
-
-def set_log_prob_backend(model: dl.AutoregressiveModel, backend: str | None) -> None:
-    """Choose the head's log_prob implementation (for this process: on its distribution class).
-
-    ``None`` restores the head's own choice, so that an earlier run in the same process does
-    not leave its backend behind.
-    """
-    cls = getattr(model.head, "distribution_class", None)
-    if backend is None:
-        if hasattr(cls, "log_prob_backends"):
-            cls.log_prob_backend = None
-        return
-    if backend not in getattr(cls, "log_prob_backends", ()):
-        raise ValueError(
-            f"--log-prob-backend {backend!r} is not available for head {type(model.head).__name__}"
-            f" (choices: {getattr(cls, 'log_prob_backends', 'none')})"
-        )
-    cls.log_prob_backend = backend
+    head_kwargs = {"mixtures": s["mixtures"]} if s["head"] == "dlm" else {}
+    try:
+        return dl.build(s["backbone"], s["head"], preset=s["preset"],
+                        head_kwargs={**head_kwargs, **runtime_head_kwargs(s)}, **backbone_kwargs)
+    except ValueError as exc:
+        if s.get("log_prob_backend") is not None and "log_prob_backend" in str(exc):
+            raise ValueError(f"--log-prob-backend {s['log_prob_backend']!r}: {exc}") from exc
+        raise
 
 
 def steps_per_period(value: Any, steps_per_epoch: int) -> int:
@@ -257,68 +281,87 @@ def steps_per_period(value: Any, steps_per_epoch: int) -> int:
 
 
 def eval_only(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
-    ckpt = load_checkpoint(args.eval_only)
-    if "settings" not in ckpt or "model_spec" not in ckpt:
-        raise ValueError(f"{args.eval_only}: not a checkpoint written by this script")
-    s = resolve(args, ckpt["settings"], dist.device.type == "cuda", dist.world_size)
+    path = Path(args.eval_only)
+    ckpt = load_checkpoint(path)  # digest checked
+    base = checked_settings(ckpt, path)
+    step = checkpoint_step(ckpt, path)  # goes into a file name: an int, nothing else
+    s = resolve(args, base, dist.device.type == "cuda", dist.world_size)
     if s["threads"]:
         torch.set_num_threads(s["threads"])
+    out = Path(args.out) if args.out else path.parent  # the command line's, never the file's
+    if dist.is_main and s["samples"] > 0:
+        prepare_out(out)
     _, (x_test, y_test), what = load_data(s, args.download)
-    model = build_model(ckpt["model_spec"]).to(dist.device)
-    model.load_state_dict(ckpt["model"])
-    ema = EMA(model)
-    ema.load_state_dict(ckpt["ema"])
-    out = Path(args.out or Path(args.eval_only).parent)
-    with ema.average_parameters():
-        bpd = evaluate_bpd(model, x_test, y_test if s["conditional"] else None,
-                           batch_size=s["eval_batch_size"], dist=dist)
-        png = None
-        n = s["samples"]
-        if dist.is_main and n > 0:
-            cond = torch.arange(n, device=dist.device) % 10 if s["conditional"] else None
-            gen = torch.Generator(device=dist.device).manual_seed(s["seed"])
-            png = save_image_grid(out / f"eval_samples_step{ckpt['step']}.png",
-                                  model.sample(n, (3, 32, 32), cond=cond, generator=gen))
+    if len(x_test) == 0:
+        raise ValueError(f"the test split of {s['data'] or 'the bundled data'} is empty")
+    model = dl.AutoregressiveModel.from_checkpoint(
+        path, weights="ema", map_location=dist.device, head_kwargs=runtime_head_kwargs(s)
+    )
+    bpd = evaluate_bpd(model, x_test, y_test if s["conditional"] else None,
+                       batch_size=s["eval_batch_size"], dist=dist)
+    png = None
+    n = s["samples"]
+    if dist.is_main and n > 0:
+        cond = torch.arange(n, device=dist.device) % 10 if s["conditional"] else None
+        gen = torch.Generator(device=dist.device).manual_seed(s["seed"])
+        png = save_image_grid(out / f"eval_samples_step{step}.png",
+                              model.sample(n, (3, 32, 32), cond=cond, generator=gen))
     if dist.is_main:
-        print(f"checkpoint {args.eval_only} (step {ckpt['step']}), {what}")
+        print(f"checkpoint {path} (step {step}), {what}")
         print(f"test bits/dim (EMA weights, float32, all {len(x_test)} test images): {bpd:.4f}")
         if png is not None:
             print(f"samples (EMA weights): {png}")
-    return {"test_bpd": bpd, "samples": png and str(png), "step": ckpt["step"]}
+    return {"test_bpd": bpd, "samples": png and str(png), "step": step}
 
 
 def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
     cuda = dist.device.type == "cuda"
     ckpt = None
-    if args.resume is not None:
-        path = Path(args.resume) if args.resume != "auto" else None
-        if path is None:  # <out>/checkpoint.pt, with <out> from the flags or the recipe
-            out = args.out or f"runs/cifar10-{resolve(args, None, cuda, dist.world_size)['recipe']}"
-            path = Path(out) / "checkpoint.pt"
-        ckpt = load_checkpoint(path)
-        if "settings" not in ckpt:
-            raise ValueError(f"{path}: not a checkpoint written by this script")
-    s = resolve(args, ckpt["settings"] if ckpt else None, cuda, dist.world_size)
+    ckpt_path = None
+    # Output paths come from the command line only, never from a checkpoint's content.
+    if args.resume is not None and args.resume != "auto":
+        ckpt_path = Path(args.resume)
+        out = Path(args.out) if args.out else ckpt_path.parent  # continue where FILE lies
+    else:
+        out = Path(args.out or f"runs/cifar10-{resolve(args, None, cuda, dist.world_size)['recipe']}")
+        if args.resume is not None:
+            ckpt_path = out / "checkpoint.pt"
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)  # digest checked
+        base = checked_settings(ckpt, ckpt_path)
+        if args.recipe is not None and args.recipe != base["recipe"]:
+            raise ValueError(
+                f"--recipe {args.recipe} cannot be used on resume: {ckpt_path} continues a "
+                f"{base['recipe']!r} run with its settings (start a new run in another --out, "
+                "or leave --recipe out)"
+            )
+    s = resolve(args, base if ckpt else None, cuda, dist.world_size)
     if ckpt is not None:
         # The optimiser, scheduler, EMA and batch-order states of the checkpoint bring these
         # back whatever the flags say: refuse a change rather than ignore it silently.
-        changed = [k for k in RESTORED_ON_RESUME if s[k] != ckpt["settings"].get(k)]
+        changed = [k for k in RESTORED_ON_RESUME if s[k] != base.get(k)]
         if changed:
             raise ValueError(
                 f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot be changed on "
                 f"resume: the checkpoint's optimiser/EMA state restores "
-                + ", ".join(f"{k}={ckpt['settings'].get(k)!r}" for k in changed)
+                + ", ".join(f"{k}={base.get(k)!r}" for k in changed)
             )
-    out = Path(args.out or s.get("out") or f"runs/cifar10-{s['recipe']}")
+    elif (s["steps"] is not None and s["steps"] < 1) or (s["steps"] is None and s["epochs"] < 1):
+        raise ValueError(f"--steps/--epochs must be >= 1 for a new run, got steps={s['steps']}, "
+                         f"epochs={s['epochs']}: nothing would be trained or written")
     s["out"] = str(out)
+    if dist.is_main:
+        prepare_out(out)
     if s["threads"]:
         torch.set_num_threads(s["threads"])
     (x_train, y_train), (x_test, y_test), what = load_data(s, args.download)
-    spec = model_spec(s)
+    if len(x_test) == 0:
+        raise ValueError(f"the test split of {s['data'] or 'the bundled data'} is empty: "
+                         "nothing to report test bits/dim on")
 
     torch.manual_seed(s["seed"])  # the same initial weights on every rank
-    model = build_model(spec).to(dist.device)
-    set_log_prob_backend(model, s.get("log_prob_backend"))  # absent in older checkpoints
+    model = build_model(s).to(dist.device)
+    spec = model.build_spec
     if ckpt is None and s["init_batch_size"] > 0:
         # openai: one init pass on init_batch_size training images, dropout on.
         idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(s["seed"]))
@@ -337,14 +380,17 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
     trainer = Trainer(model, x_train, y_train, config, dist)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main)
     if ckpt is not None:
-        trainer.load_state_dict(ckpt)
+        try:
+            trainer.load_state_dict(ckpt)
+        except ValueError as exc:
+            raise ValueError(f"{ckpt_path}: {exc}") from exc
+        trainer.last_checkpoint = f"{ckpt_path} (step {trainer.step})"
         metrics.truncate_after(trainer.step)  # drop records the interrupted run wrote later
     elif dist.is_main and metrics.path.exists():
         metrics.path.unlink()  # a fresh run in an old directory starts a fresh log
     spe = trainer.batches.steps_per_epoch
     steps = s["steps"] if s["steps"] is not None else s["epochs"] * spe
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps(s, indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"recipe {s['recipe']}: build({spec['backbone']!r}, {spec['head']!r}, "
@@ -354,7 +400,7 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
         print(f"{steps} steps of {trainer.global_batch} images ({steps / spe:.1f} epochs), "
               f"lr {s['lr']:.3g}, {s['precision']}"
               + (f", resuming at step {trainer.step}" if ckpt else ""))
-    extra = {"settings": s, "model_spec": spec}
+    extra = {"settings": s}  # the trainer adds model.build_spec as "model_spec"
     records = trainer.fit(
         steps, test_images=x_test, test_labels=y_test,
         eval_every=steps_per_period(s["eval_every"], spe), eval_batch_size=s["eval_batch_size"],
@@ -373,7 +419,9 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
                 print(f"samples (EMA weights): {final['samples']}")
         else:
             print(f"nothing to do: the checkpoint is already at step {trainer.step} >= {steps}")
-        print(f"checkpoint: {out / 'checkpoint.pt'}; metrics: {metrics.path}")
+        # Written by this run, or (nothing to do) the one it resumed: a file that exists.
+        written = out / "checkpoint.pt" if records else ckpt_path
+        print(f"checkpoint: {written}; metrics: {metrics.path}")
     return final
 
 
@@ -390,13 +438,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cleanup_distributed()
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with a user's mistake as one ``error: ...`` line and an exit status."""
     try:
-        main()
+        main(argv)
     except (FileNotFoundError, ValueError) as exc:
-        # Wrong paths, malformed files, bad flag values: the message says what to fix; the
-        # traceback only helps when debugging (DISCRETELIK_DEBUG=1 shows it).
+        # Wrong paths, malformed or corrupted files, bad flag values: the message says what to
+        # fix; the traceback only helps when debugging (DISCRETELIK_DEBUG=1 shows it).
         if os.environ.get("DISCRETELIK_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except FloatingPointError as exc:  # divergence: names the step and the last checkpoint
+        if os.environ.get("DISCRETELIK_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the disk filled up mid-run, a directory became read-only
+        if os.environ.get("DISCRETELIK_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

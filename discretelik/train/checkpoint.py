@@ -211,6 +211,14 @@ def check_finite_tensors(tensors: Iterable[tuple[str, Tensor]], what: str) -> No
         raise ValueError(f"{what}: {name!r} holds non-finite values (NaN or infinity)")
 
 
+def state_dict_mismatch(exc: BaseException) -> str:
+    """``load_state_dict``'s multi-line error as one line: the first two problems, shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    problems = lines[1:] or lines  # the first line is "Error(s) in loading state_dict for X:"
+    text = "; ".join(p if len(p) <= 300 else p[:297] + "..." for p in problems[:2])
+    return text + (f" (and {len(problems) - 2} more)" if len(problems) > 2 else "")
+
+
 def capture_rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
     """The global torch RNG states that training consumes (dropout), as plain tensors.
 

@@ -29,6 +29,7 @@ from .checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    state_dict_mismatch,
 )
 from .config import TrainConfig
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
@@ -305,7 +306,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:  # missing/unexpected keys or shapes: another model config
             raise ValueError(
-                f"checkpoint does not fit this model (built with other settings?): {exc}"
+                "checkpoint does not fit this model (built with other settings?): "
+                f"{state_dict_mismatch(exc)}"
             ) from exc
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
