@@ -404,7 +404,7 @@ class Trainer:
         step = self.step - len(self._window_losses) + first + 1
         raise FloatingPointError(
             f"training diverged: the loss is {float(losses[first])} at step {step} (try a "
-            f"lower learning rate or --grad-clip); last good checkpoint: "
+            f"lower learning rate or gradient clipping); last good checkpoint: "
             f"{self.last_checkpoint or 'none'}"
         )
 
