@@ -131,6 +131,29 @@ RESTORED_ON_RESUME = ("lr", "lr_decay", "warmup_steps", "beta1", "beta2", "ema_d
 REQUIRED_SETTINGS = sorted({*COMMON, *RECIPES["demo"], "recipe", "data"} - {"log_prob_backend"})
 
 
+# The flag types of the settings that some recipe leaves None.
+_NONE_OR = {"data": str, "nr_filters": int, "nr_resnet": int, "dropout": float,
+            "grad_clip": float, "threads": int, "log_prob_backend": str, "lr": float,
+            "steps": int, "epochs": int}
+
+
+def _setting_types() -> dict[str, set[type]]:
+    """The types each setting takes in the recipes (or, where None, its flag's type)."""
+    types: dict[str, set[type]] = {"recipe": {str}, "data": {type(None)}}
+    for values in (COMMON, *RECIPES.values()):
+        for key, value in values.items():
+            types.setdefault(key, set()).add(type(value))
+    for key, flag_type in _NONE_OR.items():
+        types[key].add(flag_type)
+    for allowed in types.values():
+        if float in allowed:
+            allowed.add(int)
+    return types
+
+
+SETTING_TYPES = _setting_types()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -224,6 +247,10 @@ def checked_settings(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_SETTINGS if k not in settings]
     if missing:
         raise ValueError(f"{path}: the checkpoint's settings lack {missing}")
+    wrong = {k: settings[k] for k in REQUIRED_SETTINGS if type(settings[k]) not in SETTING_TYPES[k]}
+    if wrong:
+        raise ValueError(f"{path}: the checkpoint's settings have values of the wrong type: "
+                         f"{wrong!r:.300}")
     return settings
 
 

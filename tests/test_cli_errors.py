@@ -126,7 +126,8 @@ def test_corrupted_checkpoint_is_one_line_exit_2(run, tmp_path) -> None:
     assert "corrupted" in proc.stderr or "not a loadable checkpoint" in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["no model", "other model", "missing settings", "nan weights"])
+@pytest.mark.parametrize("case", ["no model", "other model", "missing settings",
+                                  "wrong settings", "nan weights"])
 def test_broken_checkpoints_are_one_line_errors(script, run, data, tmp_path, capsys,
                                                 case: str) -> None:
     def change(state):
@@ -137,6 +138,8 @@ def test_broken_checkpoints_are_one_line_errors(script, run, data, tmp_path, cap
             state["settings"]["mixtures"] = 3
         elif case == "missing settings":
             del state["settings"]["lr"]
+        elif case == "wrong settings":
+            state["settings"]["samples"] = "../x"
         else:  # a diverged run: the raw and the averaged weights
             name = next(iter(state["ema"]["shadow"]))
             for weights in (state["model"], state["ema"]["shadow"]):
@@ -150,6 +153,7 @@ def test_broken_checkpoints_are_one_line_errors(script, run, data, tmp_path, cap
         expected = {"no model": "no 'model'|missing \\['model'\\]",
                     "other model": "do(es)? not fit",
                     "missing settings": "settings lack \\['lr'\\]",
+                    "wrong settings": "wrong type: {'samples': '../x'}",
                     "nan weights": "non-finite"}[case]
         assert __import__("re").search(expected, line), line
 

@@ -298,10 +298,10 @@ class Trainer:
         step = checkpoint_step(state)
         if not isinstance(state["model"], Mapping) or not isinstance(state["ema"], Mapping):
             raise ValueError("state is not a Trainer checkpoint: 'model'/'ema' are not mappings")
+        if not isinstance(state["ema"].get("shadow"), Mapping):
+            raise ValueError("state is not a Trainer checkpoint: no named EMA weights")
         check_finite_tensors(state["model"].items(), "cannot resume: the model weights")
-        check_finite_tensors(
-            dict(state["ema"].get("shadow") or {}).items(), "cannot resume: the EMA weights"
-        )
+        check_finite_tensors(state["ema"]["shadow"].items(), "cannot resume: the EMA weights")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:  # missing/unexpected keys or shapes: another model config
