@@ -172,11 +172,7 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
 
     def _init_kwargs(self) -> dict[str, Any]:
         """Keyword arguments (besides ``params``) that rebuild this distribution."""
-        return {
-            "channels": self.channels,
-            "bins": self.bins,
-            "log_prob_backend": self.log_prob_backend,
-        }
+        return {"channels": self.channels, "bins": self.bins}
 
     # -- what a discrete image distribution does not provide --------------------------------
     def _not_provided(self, what: str, why: str) -> NotImplementedError:
@@ -258,11 +254,12 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
     def expand(self, batch_shape: Any, _instance: Any = None) -> "DiscreteImageDistribution":
         batch_shape = torch.Size(batch_shape)
         params = self.params.expand(batch_shape + self.params.shape[-3:])
-        # The implementation choice travels in _init_kwargs; validation is carried over as a
-        # flag (the parameters were already checked).
-        return type(self)(params, validate_args=False, **self._init_kwargs())._with_validation(
-            self._validate_args
-        )
+        # Validation is carried over as a flag (the parameters were already checked), and the
+        # implementation choice is set afterwards, so that a plugin's constructor need not
+        # take it.
+        new = type(self)(params, validate_args=False, **self._init_kwargs())
+        new.log_prob_backend = self.log_prob_backend
+        return new._with_validation(self._validate_args)
 
     def _with_validation(self, flag: bool) -> "DiscreteImageDistribution":
         self._validate_args = flag
