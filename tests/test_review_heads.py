@@ -93,17 +93,6 @@ def test_sampling_with_known_pixels_does_not_sync_per_pixel() -> None:
     assert counter.n <= 3, f"{counter.n} host reads of tensors for 36 pixels"
 
 
-def test_expand_keeps_the_instance_choice_of_log_prob_path() -> None:
-    # The docstring lets one instance choose its path; expand rebuilt it from the class default.
-    from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
-
-    dist = DiscretizedLogisticMixtureDistribution(torch.randn(2, 20, 3, 3), mixtures=2, bins=8)
-    dist.log_prob_backend = "eager"
-    assert dist.expand((4, 2)).log_prob_backend == "eager"
-    dist.log_prob_backend = "lean"
-    assert dist.expand((4, 2)).log_prob_backend == "lean"
-
-
 def test_bfloat16_model_log_prob() -> None:
     # As for float64: a model converted with .to(torch.bfloat16) got a float32 image.
     torch.manual_seed(0)
