@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,46 @@ def test_resume_refuses_a_checkpoint_with_nan_weights(trained, tmp_path: Path) -
         tiny_trainer().resume(bad)
     with pytest.raises(ValueError, match="non-finite"):
         dl.AutoregressiveModel.from_checkpoint(bad, weights="raw")
+
+
+# Two gloo ranks; rank 0 alone writes sample grids. A collective that only rank 0 entered (the
+# divergence check at a sample-only step) would hang: the process group times out instead.
+SAMPLES_ON_TWO_RANKS = """
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed
+
+import discretelik as dl
+from discretelik.train import Trainer, TrainConfig, cleanup_distributed, init_distributed
+
+torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=30))
+dist = init_distributed("cpu")
+torch.manual_seed(0)
+model = dl.build("pixelcnn++", "dlm", preset="tiny", head_kwargs={"mixtures": 2})
+trainer = Trainer(model, torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8),
+                  config=TrainConfig(batch_size=2), dist=dist)
+records = trainer.fit(3, log_every=3, sample_dir=sys.argv[1], sample_every=1, num_samples=1,
+                      progress=False, log_fn=lambda s: None)
+print(f"rank {dist.rank}: steps {[r['step'] for r in records]}", flush=True)
+cleanup_distributed()
+"""
+
+
+def test_sample_only_steps_under_ddp_do_not_hang(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_train import _run_two_gloo_processes
+    finally:
+        sys.path.pop(0)
+    child = tmp_path / "samples_on_two_ranks.py"
+    child.write_text(SAMPLES_ON_TWO_RANKS)
+    proc = _run_two_gloo_processes(child, str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0: steps [1, 2, 3]" in proc.stdout and "rank 1: steps [3]" in proc.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "samples_step1.png", "samples_step2.png", "samples_step3.png"]
 
 
 # -- exact resume of the metrics, stale temp files ------------------------------------------------

@@ -506,11 +506,13 @@ class Trainer:
                     self._check_losses()
                 if bar is not None:
                     bar.update(1)
+                # The same decision on every rank (samples are rank 0's, but the divergence
+                # check below is collective under DDP).
                 if not (
                     due(log_every)
                     or (checkpoint_path and due(checkpoint_every))
                     or (test_images is not None and due(eval_every))
-                    or (sample_dir is not None and due(sample_every) and main)
+                    or (sample_dir is not None and due(sample_every))
                 ):
                     continue
                 if self.device.type == "cuda":
