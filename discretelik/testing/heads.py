@@ -988,8 +988,6 @@ def check_not_provided(
         )
 
 
-#: The named checks [`check_head_contract`][discretelik.testing.check_head_contract] runs, in
-#: order; each takes ``(head, *, batch, height, width, seed)``.
 CONTRACT_CHECKS: tuple[Callable[..., None], ...] = (
     check_shapes,
     check_support,
@@ -1002,6 +1000,8 @@ CONTRACT_CHECKS: tuple[Callable[..., None], ...] = (
     check_bad_input,
     check_not_provided,
 )
+"""The named checks [`check_head_contract`][discretelik.testing.check_head_contract] runs, in
+order; each takes ``(head, *, batch, height, width, seed)``."""
 
 
 def check_head_contract(
