@@ -288,8 +288,8 @@ def runtime_head_kwargs(s: dict[str, Any]) -> dict[str, Any]:
 def build_model(s: dict[str, Any]) -> dl.AutoregressiveModel:
     """The model of the settings; build records itself in ``model.build_spec``, which the
     trainer stores in every checkpoint (``model_spec``)."""
-    backbone_kwargs = dict(nr_filters=s["nr_filters"], nr_resnet=s["nr_resnet"],
-                           dropout=s["dropout"], num_classes=10 if s["conditional"] else None)
+    backbone_kwargs = {"nr_filters": s["nr_filters"], "nr_resnet": s["nr_resnet"],
+                       "dropout": s["dropout"], "num_classes": 10 if s["conditional"] else None}
     head_kwargs = {"mixtures": s["mixtures"]} if s["head"] == "dlm" else {}
     try:
         return dl.build(s["backbone"], s["head"], preset=s["preset"],

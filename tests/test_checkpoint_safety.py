@@ -18,8 +18,8 @@ import torch
 import discretelik as dl
 from discretelik.train import (
     MetricsLog,
-    Trainer,
     TrainConfig,
+    Trainer,
     checkpoint_digest,
     checkpoint_step,
     evaluate_bpd,

@@ -119,7 +119,8 @@ def test_corrupted_checkpoint_is_one_line_exit_2(run, tmp_path) -> None:
                     + data[middle + 400 :])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--eval-only", str(bad), "--device",
-                           "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                           "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"error: {bad}: ")
