@@ -77,7 +77,7 @@ def value_and_grad(name, params, x, weights, lean, **kw):
 @pytest.mark.parametrize("bins", [2, 256, 65536])
 def test_float64_matches_eager_in_steps(name: str, channels: int, bins: int, steps) -> None:
     for coupling in (True, False):
-        kw = dict(channels=channels, mixtures=3, bins=bins, coupling=coupling)
+        kw = {"channels": channels, "mixtures": 3, "bins": bins, "coupling": coupling}
         params, x, weights = case(bins + channels, sample=(2,), **kw)
         lean = value_and_grad(name, params, x, weights, True, **kw)
         eager = value_and_grad(name, params, x, weights, False, **kw)
@@ -88,7 +88,7 @@ def test_float64_matches_eager_in_steps(name: str, channels: int, bins: int, ste
 @pytest.mark.parametrize("name", MIXTURES)
 def test_components_per_step(name: str) -> None:
     """Any step size gives the same values and gradients (up to rounding)."""
-    kw = dict(channels=3, mixtures=5, bins=256, coupling=True)
+    kw = {"channels": 3, "mixtures": 5, "bins": 256, "coupling": True}
     layout = MixtureLayout(3, 5, True)
     family = get_head(name).distribution_class.family
     params, x, weights = case(8, sample=(2,), **kw)
@@ -133,7 +133,7 @@ def test_float32_extreme_parameters(name: str, channels: int, bins: int, steps) 
     for coupling in (True, False):
         params, x = extreme_case(channels, 3, bins, coupling, n=12)
         weights = torch.ones(x.shape)
-        kw = dict(channels=channels, mixtures=3, bins=bins, coupling=coupling)
+        kw = {"channels": channels, "mixtures": 3, "bins": bins, "coupling": coupling}
         value, grad = value_and_grad(name, params, x, weights, True, **kw)
         eager_value, eager_grad = value_and_grad(name, params, x, weights, False, **kw)
         assert torch.isfinite(value).all() and torch.isfinite(grad).all()
@@ -153,7 +153,7 @@ def test_float32_extreme_parameters(name: str, channels: int, bins: int, steps) 
 
 @pytest.mark.parametrize("name", MIXTURES)
 def test_no_grad_and_single_component(name: str, steps) -> None:
-    kw = dict(channels=3, mixtures=1, bins=256, coupling=True)
+    kw = {"channels": 3, "mixtures": 1, "bins": 256, "coupling": True}
     params, x, weights = case(4, **kw)
     lean = value_and_grad(name, params, x, weights, True, **kw)
     eager = value_and_grad(name, params, x, weights, False, **kw)
@@ -165,7 +165,7 @@ def test_no_grad_and_single_component(name: str, steps) -> None:
 
 def mixture_memory(name: str, lean: bool):
     b, k, c, hw = 2, 10, 3, (8, 8)
-    kw = dict(channels=c, mixtures=k, bins=256, coupling=True)
+    kw = {"channels": c, "mixtures": k, "bins": 256, "coupling": True}
     params, x, _ = case(5, batch=(b,), hw=hw, dtype=torch.float32, **kw)
     params.requires_grad_(True)
     saved: list[int] = []
@@ -242,7 +242,7 @@ def test_softmax_values_bit_for_bit(dtype, channels: int, bins: int, sample, sli
     lean, eager = softmax_both(params, x, weights, channels, bins)
     assert lean[0].dtype == lean[1].dtype == dtype
     assert torch.equal(lean[0], eager[0])
-    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(lean[1], eager[1], **tol)
 
 
@@ -384,7 +384,7 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-SOFTMAX_MEMORY = dict(batch=2, channels=3, bins=256, hw=(8, 8))
+SOFTMAX_MEMORY = {"batch": 2, "channels": 3, "bins": 256, "hw": (8, 8)}
 
 
 @pytest.mark.parametrize("lean", [True, False])
@@ -470,9 +470,9 @@ def first_node(dist, x) -> str:
 @pytest.mark.parametrize(
     ("name", "kw", "node"),
     [
-        ("dlm", dict(mixtures=2), MIXTURE_NODE),
-        ("gaussian", dict(mixtures=2), MIXTURE_NODE),
-        ("gaussian", dict(mixtures=1), None),  # one component: nothing K-fold to avoid
+        ("dlm", {"mixtures": 2}, MIXTURE_NODE),
+        ("gaussian", {"mixtures": 2}, MIXTURE_NODE),
+        ("gaussian", {"mixtures": 1}, None),  # one component: nothing K-fold to avoid
         ("softmax", {}, SOFTMAX_NODE),
     ],
 )

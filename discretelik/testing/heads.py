@@ -48,8 +48,8 @@ check_head_normalization(head)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -150,7 +150,7 @@ def _expect_error(
                 f"argument, what was expected and what was received), got: {str(err)!r}"
             ) from err
         return
-    except Exception as err:  # noqa: BLE001  (any other error is the failure we report)
+    except Exception as err:
         raise AssertionError(f"{what}: expected {names}, got {type(err).__name__}: {err}") from err
     raise AssertionError(f"{what}: expected {names}, but nothing was raised")
 
@@ -960,7 +960,7 @@ def check_not_provided(
                     "provided and what to use instead"
                 ) from err
             continue
-        except Exception as err:  # noqa: BLE001  (any other error is the failure we report)
+        except Exception as err:
             raise AssertionError(
                 f"{name} must raise NotImplementedError, got {type(err).__name__}: {err}"
             ) from err
