@@ -307,6 +307,10 @@ def build(
     """
     check_int(channels, "channels", 1)
     check_int(bins, "bins", 2)
+    if head_kwargs is not None and not isinstance(head_kwargs, Mapping):
+        raise TypeError(
+            f"head_kwargs must be a mapping of head options, got {type(head_kwargs).__name__}"
+        )
     spec = _build_spec(backbone, head, channels, bins, preset, head_kwargs, backbone_kwargs)
     head_cls = get_head(head)
     backbone_cls = get_backbone(backbone)
@@ -318,10 +322,6 @@ def build(
     if grouped:
         backbone_kwargs.setdefault("channel_groups", channels)
     net = create_backbone(backbone, preset=preset, in_channels=channels, **backbone_kwargs)
-    if head_kwargs is not None and not isinstance(head_kwargs, Mapping):
-        raise TypeError(
-            f"head_kwargs must be a mapping of head options, got {type(head_kwargs).__name__}"
-        )
     kwargs = dict(head_kwargs or {})
     # build sets these itself; one given in head_kwargs would be silently overwritten.
     taken = sorted({"channels", "bins", "in_channels", "feature_groups"} & set(kwargs))
