@@ -423,16 +423,7 @@ def test_softmax_saves_only_the_normaliser(lean: bool, monkeypatch) -> None:
     [
         (True, False),
         (False, False),
-        pytest.param(
-            True,
-            None,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="with validation on (the default) the constructor's finiteness check "
-                "(discretelik._checks.check_finite: torch.isfinite) allocates ~1.75x the "
-                "logits, above the lean path's one gradient; reported to the lead",
-            ),
-        ),
+        (True, None),  # validation on: the finiteness check allocates nothing of that size
     ],
 )
 def test_softmax_peak_memory_is_one_gradient(lean: bool, validate: bool | None) -> None:
