@@ -8,15 +8,17 @@ model = build("pixelcnn++", "dlm", preset="tiny")
 
 from .backbones import Backbone, Conditioning
 from .backbones.gated_pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from .backbones.gated_pixelcnn_cache import GatedPixelCNNCache
 from .backbones.pixelcnn import PixelCNN, PixelCNNConfig
 from .backbones.pixelcnn_pp import PixelCNNPP, PixelCNNPPConfig
+from .backbones.pixelcnn_pp_cache import PixelCNNPPCache
 from .backbones.pixelrnn import (
     DiagonalBiLSTMBackbone,
     DiagonalBiLSTMConfig,
     RowLSTMBackbone,
     RowLSTMConfig,
 )
-from .fast_sampling import GatedPixelCNNCache, PixelCNNPPCache, SamplingCache
+from .backbones.sampling_cache import SamplingCache
 from .heads import DiscreteImageDistribution, Head
 from .heads.backend import LogProbBackend
 from .heads.gaussian import DiscretizedGaussian, DiscretizedGaussianDistribution

@@ -8,9 +8,12 @@ canvas before anything is drawn and never changed, which gives inpainting and co
 
 Backbones that provide ``sampling_cache(n, image_shape, cond)`` (gated PixelCNN, PixelCNN++)
 are sampled through it instead: it caches every layer's activations and computes only what
-each new pixel changes (Ramachandran et al. 2017, see ``discretelik.fast_sampling``). Its
-features equal the full model's up to floating-point rounding, so with the same generator it
-draws the same images (``cached=False`` forces the full recomputation).
+each new pixel changes (Ramachandran et al. 2017, see
+[`SamplingCache`][discretelik.SamplingCache]). Its features equal the full model's up to
+floating-point rounding, so with the same generator it draws the same images
+(``cached=False`` forces the full recomputation). On a CUDA device the cached one-pixel step is
+captured in CUDA graphs and replayed per pixel (``discretelik.sampling_graph``), drawing
+exactly what the eager cached step draws from the same generator.
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ from torch import Tensor
 
 from ._checks import check_int, check_integer_dtype, check_levels, check_tensor
 from .backbones.base import Conditioning
+from .sampling_graph import StaticSteps
 
 if TYPE_CHECKING:
     from .model import AutoregressiveModel
 
 __all__ = ["sample_raster"]
+
+# cuda_graph: "auto" captures on CUDA (falls back with a warning), "require" raises instead,
+# "off" runs the eager step, "uncaptured" runs the graphs' static-buffer step eagerly.
+_CUDA_GRAPH_MODES = ("auto", "require", "off", "uncaptured")
 
 
 def _image_shape(model: "AutoregressiveModel", image_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -94,7 +102,9 @@ def sample_raster(
     known: tuple[Tensor, Tensor] | None = None,
     generator: torch.Generator | None = None,
     cached: bool | None = None,
-) -> Tensor:
+    cuda_graph: str = "auto",
+    return_params: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Draw ``n`` images pixel by pixel in raster order.
 
     Args:
@@ -112,19 +122,42 @@ def sample_raster(
             ``channel_groups == 1``, else recompute the whole model per pixel; ``False``:
             always recompute (the reference the cache is tested against); ``True``: require
             the cache.
+        cuda_graph: How the cached step runs. ``"auto"``: on a CUDA device, captured in CUDA
+            graphs (one per kind of pixel) and replayed per pixel; if a capture fails, one
+            ``RuntimeWarning`` and the eager step for the rest of the draw; elsewhere the
+            eager step. ``"require"``: capture, raising instead of falling back (a
+            ``ValueError`` off CUDA or without the cache). ``"off"``: the eager step.
+            ``"uncaptured"``: the graphs' static-buffer step, run eagerly on any device (it
+            draws what the eager step draws; for checking the captured code). Without the
+            cache (``cached=False``, or no ``sampling_cache``) only ``"auto"`` and ``"off"``
+            apply. With the same generator every mode draws the same images up to the
+            features' rounding.
+        return_params: Also return the raw head parameters each pixel was drawn from.
 
     Returns:
-        ``int64`` images ``(n, C, H, W)`` with levels in ``[0, bins - 1]``.
+        ``int64`` images ``(n, C, H, W)`` with levels in ``[0, bins - 1]``; with
+        ``return_params``, the pair ``(images, params)``, ``params`` float
+        ``(n, head.param_channels, H, W)`` in the model's dtype: at each drawn pixel the
+        parameters of its distribution (with ordered channel groups, those of the last
+        channel's pass, which every channel's parameters equal); NaN where the pixel was
+        known in every image and not drawn.
 
     Raises:
-        TypeError: ``cached`` is not ``None`` or a bool, or ``image_shape`` holds a
-            non-integer size.
+        TypeError: ``cached`` is not ``None`` or a bool, ``cuda_graph`` or ``return_params``
+            of the wrong type, or ``image_shape`` holds a non-integer size.
         ValueError: ``cached=True`` but the backbone has no ``sampling_cache`` or orders
-            channel groups.
+            channel groups; ``cuda_graph`` not one of its values, or ``"require"`` or
+            ``"uncaptured"`` where the cache is not used, or ``"require"`` off CUDA.
     """
     check_int(n, "n", 1)
     if cached is not None and not isinstance(cached, bool):
         raise TypeError(f"cached must be None or a bool, got {cached!r}")
+    if not isinstance(cuda_graph, str):
+        raise TypeError(f"cuda_graph must be one of {_CUDA_GRAPH_MODES}, got {cuda_graph!r}")
+    if cuda_graph not in _CUDA_GRAPH_MODES:
+        raise ValueError(f"cuda_graph must be one of {_CUDA_GRAPH_MODES}, got {cuda_graph!r}")
+    if not isinstance(return_params, bool):
+        raise TypeError(f"return_params must be a bool, got {return_params!r}")
     shape = _image_shape(model, image_shape)
     device = next(model.parameters()).device
     canvas = torch.zeros((n, *shape), dtype=torch.long, device=device)
@@ -146,12 +179,37 @@ def sample_raster(
             f"cached=True but {type(model.backbone).__name__} has no usable sampling_cache"
             + ("" if make_cache is None else " for channel_groups > 1")
         )
+    if cuda_graph in ("require", "uncaptured") and not use_cache:
+        raise ValueError(
+            f"cuda_graph={cuda_graph!r} needs the cached sampler, which is not used here "
+            "(cached=False, no sampling_cache, or channel_groups > 1)"
+        )
+    if cuda_graph == "require" and device.type != "cuda":
+        raise ValueError(f"cuda_graph='require' needs a CUDA device, the model is on {device}")
+    static = use_cache and (
+        cuda_graph == "uncaptured" or (cuda_graph in ("auto", "require") and device.type == "cuda")
+    )
+    params_out = None
+    if return_params:
+        dtype = model.scale(canvas[:1, :, :1, :1]).dtype
+        params_out = torch.full(
+            (n, model.head.param_channels, *shape[1:]), float("nan"), dtype=dtype, device=device
+        )
     was_training = model.training
     model.eval()
     try:
         cache = make_cache(n, shape[1:], cond) if use_cache else None
         # The cache reads the scaled canvas; keep it in step with the integer one.
         scaled = model.scale(canvas) if cache is not None else None
+        if static:
+            runner = StaticSteps(
+                model, cache, canvas, scaled, mask, generator, params_out,
+                capture=cuda_graph != "uncaptured", strict=cuda_graph == "require",
+            )
+            for i in range(shape[1]):
+                for j in range(shape[2]):
+                    runner.step(i, j, draw=skip is None or not skip[i][j])
+            return (canvas, params_out) if return_params else canvas
         for i in range(shape[1]):
             for j in range(shape[2]):
                 if skip is not None and skip[i][j]:
@@ -163,6 +221,8 @@ def sample_raster(
                     else:
                         params = model.params(canvas, cond)[:, :, i : i + 1, j : j + 1]
                     draw = model.head.distribution(params).sample(generator=generator)[:, :, 0, 0]
+                    if params_out is not None:  # the last pass's: final for every channel
+                        params_out[:, :, i, j] = params[:, :, 0, 0]
                     chans = slice(None) if steps == 1 else slice(step, step + 1)
                     new = canvas[:, chans, i, j].clone()
                     new.copy_(draw[:, chans])
@@ -173,4 +233,4 @@ def sample_raster(
                         scaled[:, :, i, j] = model.scale(canvas[:, :, i, j])
     finally:
         model.train(was_training)
-    return canvas
+    return (canvas, params_out) if return_params else canvas

@@ -1,4 +1,4 @@
-"""Fast sampling (``discretelik.fast_sampling``): the cached features equal the full forward's at
+"""Fast sampling (the backbones' sampling caches): the cached features equal the full forward's at
 every pixel, the cached sampler draws the same images as full recomputation, and the dispatch
 in ``sample_raster`` falls back cleanly.
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import discretelik as dl
-from discretelik.fast_sampling import GatedPixelCNNCache, PixelCNNPPCache, SamplingCache
+from discretelik import GatedPixelCNNCache, PixelCNNPPCache, SamplingCache
 
 GATED = "gated_pixelcnn"
 PP = "pixelcnn++"
@@ -210,3 +210,89 @@ def test_cache_construction_errors() -> None:
         backbone(GATED, num_classes=3).sampling_cache(2, (3, 3))
     with pytest.raises(ValueError, match="cond label must have shape"):
         backbone(PP, num_classes=3).sampling_cache(2, (4, 4), torch.tensor([1]))
+
+
+# -- the static-buffer step of the CUDA-graph sampler ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", [GATED, PP])
+@pytest.mark.parametrize("head", dl.list_heads())
+def test_uncaptured_static_step_draws_the_naive_images_and_params(name: str, head: str) -> None:
+    """The step the CUDA graphs capture (positions read from a device tensor, every buffer
+    written in place), run eagerly: the naive sampler's images and (up to rounding) params."""
+    torch.manual_seed(0)
+    model = dl.build(name, head, preset="tiny", num_classes=3)
+    shape = (8, 4) if name == PP else (5, 3)
+    image = torch.randint(0, 256, (2, 3, *shape), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, *shape, dtype=torch.bool)
+    mask[:, 0, 1:] = True  # known in both images: skipped, the cache still advances
+    mask[1, 2, 1] = True  # known in one image: drawn for the other
+    mask[:, 4, 0] = True  # a skipped first column (the row's u / vertical work still runs)
+    kwargs = dict(shape=shape, cond=labels(), known=(image, mask), return_params=True)
+    naive, naive_params = draw(model, False, cuda_graph="off", **kwargs)
+    static, static_params = draw(model, None, cuda_graph="uncaptured", **kwargs)
+    eager, eager_params = draw(model, None, cuda_graph="off", **kwargs)
+    assert torch.equal(static, naive) and torch.equal(eager, naive)
+    skipped = mask.all(dim=0)
+    assert static_params.isnan()[:, :, skipped].all() and naive_params.isnan()[:, :, skipped].all()
+    torch.testing.assert_close(static_params[:, :, ~skipped], naive_params[:, :, ~skipped])
+    assert torch.equal(static_params.nan_to_num(), eager_params.nan_to_num())  # same operations
+
+
+def test_cpu_auto_runs_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = dl.build(PP, "dlm", preset="tiny")
+    import discretelik.sampling as sampling
+
+    def fail(*args, **kwargs):
+        raise AssertionError("StaticSteps used on the CPU without cuda_graph='uncaptured'")
+
+    monkeypatch.setattr(sampling, "StaticSteps", fail)
+    assert torch.equal(draw(model, None, shape=(4, 4)), draw(model, False, shape=(4, 4)))
+
+
+def test_params_of_channel_groups_are_the_last_pass() -> None:
+    torch.manual_seed(0)
+    model = dl.build("pixelcnn", "softmax", preset="tiny", bins=4)  # channel_groups == 3
+    images, params = draw(model, None, shape=(3, 3), return_params=True)
+    with torch.no_grad():
+        full = model.params(images)
+    torch.testing.assert_close(params, full)  # causal: the finished image gives the same params
+
+
+def test_cuda_graph_argument_errors() -> None:
+    torch.manual_seed(0)
+    model = dl.build(GATED, "dlm", preset="tiny")
+    with pytest.raises(ValueError, match="cuda_graph must be one of"):
+        draw(model, None, shape=(3, 3), cuda_graph="yes")
+    with pytest.raises(TypeError, match="cuda_graph must be one of"):
+        draw(model, None, shape=(3, 3), cuda_graph=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        draw(model, None, shape=(3, 3), cuda_graph="require")
+    with pytest.raises(ValueError, match="needs the cached sampler"):
+        draw(model, False, shape=(3, 3), cuda_graph="uncaptured")
+    with pytest.raises(TypeError, match="return_params"):
+        draw(model, None, shape=(3, 3), return_params=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", [GATED, PP])
+@pytest.mark.parametrize("head", dl.list_heads())
+def test_cuda_graph_draws_what_the_eager_step_draws(name: str, head: str) -> None:
+    """On CUDA: the replayed graphs consume the generator as the eager step does (graph-safe
+    Philox states), so they draw the same images; no capture falls back (no warning)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = dl.build(name, head, preset="tiny", num_classes=3).cuda()
+    shape = (8, 8)
+    out = {}
+    for mode in ("off", "require", "auto"):
+        gen = torch.Generator("cuda").manual_seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out[mode] = dl.sample_raster(model, 3, shape, cond=torch.tensor([0, 1, 2]).cuda(),
+                                         generator=gen, cuda_graph=mode, return_params=True)
+    for mode in ("require", "auto"):
+        assert torch.equal(out[mode][0], out["off"][0]), mode
+        torch.testing.assert_close(out[mode][1], out["off"][1], rtol=0, atol=1e-5)

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..fast_sampling import GatedPixelCNNCache
 from ..nn.gated import (
     ConditionBias,
     HorizontalConv2d,
@@ -51,6 +50,7 @@ from ..nn.gated import (
 from ..nn.shifted_conv import down_shift
 from ..registry import register_backbone
 from .base import Backbone, Conditioning
+from .gated_pixelcnn_cache import GatedPixelCNNCache
 
 __all__ = ["GatedPixelCNN", "GatedPixelCNNConfig"]
 
@@ -245,7 +245,8 @@ class GatedPixelCNN(Backbone):
 
         Its ``step(canvas, i, j)`` returns the features ``forward(canvas, cond)[:, :, i, j]``
         (``(n, out_channels)``) computing only the vertical stack's row ``i - 1`` (once per
-        row) and the horizontal stack's column ``j``; see ``discretelik.fast_sampling``.
+        row) and the horizontal stack's column ``j``; see
+        ``discretelik.backbones.gated_pixelcnn_cache``.
 
         Args:
             n: Number of images.
@@ -253,6 +254,6 @@ class GatedPixelCNN(Backbone):
             cond: Conditioning for the ``n`` images, as for ``forward``.
 
         Returns:
-            A ``discretelik.fast_sampling.GatedPixelCNNCache``.
+            A [`GatedPixelCNNCache`][discretelik.GatedPixelCNNCache].
         """
         return GatedPixelCNNCache(self, n, image_shape, cond)

@@ -64,7 +64,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..fast_sampling import PixelCNNPPCache
 from ..nn.activations import concat_elu
 from ..nn.nin import NIN
 from ..nn.shifted_conv import (
@@ -77,6 +76,7 @@ from ..nn.shifted_conv import (
 )
 from ..registry import register_backbone
 from .base import Backbone, Conditioning
+from .pixelcnn_pp_cache import PixelCNNPPCache
 
 __all__ = ["GatedResNet", "PixelCNNPP", "PixelCNNPPConfig"]
 
@@ -339,7 +339,8 @@ class PixelCNNPP(Backbone):
 
         Its ``step(canvas, i, j)`` returns the features ``forward(canvas, cond)[:, :, i, j]``
         (``(n, nr_filters)``) in evaluation mode, computing the ``u`` stream once per row and
-        the ``ul`` stream at one position per level; see ``discretelik.fast_sampling``.
+        the ``ul`` stream at one position per level; see
+        ``discretelik.backbones.pixelcnn_pp_cache``.
 
         Args:
             n: Number of images.
@@ -347,7 +348,7 @@ class PixelCNNPP(Backbone):
             cond: Class labels ``(n,)`` when class-conditional, else ``None``.
 
         Returns:
-            A ``discretelik.fast_sampling.PixelCNNPPCache``.
+            A [`PixelCNNPPCache`][discretelik.PixelCNNPPCache].
 
         Raises:
             ValueError: The backbone is in training mode with dropout (call ``eval()``).

@@ -1,6 +1,7 @@
 """Building blocks for autoregressive backbones (one concept per module)."""
 
 from .activations import concat_elu
+from .cached_conv import CachedConv, PaddedMap
 from .gated import ConditionBias, HorizontalConv2d, VerticalConv2d, gated_activation
 from .masked_conv import MaskedConv2d, causal_mask
 from .nin import NIN
@@ -16,6 +17,7 @@ from .shifted_conv import (
 from .weight_norm import apply_weight_norm, data_dependent_init, is_weight_normed
 
 __all__ = [
+    "CachedConv",
     "ConditionBias",
     "DiagonalBiLSTM",
     "DownRightShiftedConv2d",
@@ -25,6 +27,7 @@ __all__ = [
     "HorizontalConv2d",
     "MaskedConv2d",
     "NIN",
+    "PaddedMap",
     "RowLSTM",
     "VerticalConv2d",
     "apply_weight_norm",
