@@ -152,14 +152,19 @@ def test_sampling_markdown(tmp_path: Path) -> None:
     text = out.read_text()
     env = header_line(text)
     assert "1 images of 4x4x3" in env and "median of 1 draws" in env
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == ("| model | params | naive s | cached s | speed-up | max abs param diff "
+                        "| bits/dim |")
     rows = md_rows(text)
     assert [r[0] for r in rows] == ["pixelcnn++ small (32 filters, 2 resnets)",
                                     "gated small (32 ch, 8 layers)"]
     for r in rows:
-        assert r[-1] == "yes"  # identical images, naive and cached
         printed_row = next(line for line in printed.splitlines() if line.startswith(r[0]))
-        assert printed_row.split()[-5:] == r[1:]
-    assert "- same: whether both drew identical images" in text
+        assert printed_row.split()[-6:] == r[1:]
+        assert float(r[-2]) < 1e-5  # cached step vs full forward: rounding only (float32)
+        assert 0 < float(r[-1]) < 8  # bits/dim of 256-level sub-pixels
+    assert "- max abs param diff: the largest absolute difference" in text
+    assert "- bits/dim: the cached draw's" in text
 
 
 def test_train_step_markdown(tmp_path: Path) -> None:
