@@ -22,7 +22,23 @@ channels); the rows:
 * ``triton DLM head`` (CUDA only): ``log_prob_backend = "triton"``, the default for float32 on
   CUDA (``discretelik.heads.mixture.triton``): the formula as two Triton kernels, one program
   per block of pixels, the component loop in registers. Skipped (with a note) on CPU, where
-  Triton would only interpret it.
+  Triton would only interpret it;
+* the kernels' launch variants (CUDA only, skipped with the head's row on CPU), each
+  ``triton_elementwise_log_prob`` called directly with a ``KernelConfig`` (no distribution
+  object): ``triton op, no head`` (the head's configuration: the difference to the head's row
+  is the head's Python), pixels per program and warps (``32 px, 1 warp`` to
+  ``256 px, 8 warps``: the grid is ``B x H x W / px`` programs), the coupling ``tanh`` in
+  float32 instead of float64, and the fused path (``triton fused``: one kernel computes the
+  log-likelihood and the gradient of its sum, backward scales it by ``1 / B`` in place) with
+  some of those settings.
+
+On CUDA the DLM notes add a roofline per row: the minimum traffic of any implementation (the
+parameters and levels read once, the gradient written once), the rate that is in the row's
+time, and the time of a device-to-device ``copy_`` of the same bytes measured in the same
+process (its share: how far the row is from memory speed); for the triton rows also their own
+traffic by item (``traffic()``: each tensor counted once per kernel that touches it; the
+two-kernel path reads the parameters twice, the fused path writes the gradient and then
+scales it in place).
 
 ``--head gaussian``: a 10-component discretized Gaussian mixture with coupled channels, the same
 ``P = 100`` layout; the rows, the first the base of the ratios:
@@ -121,13 +137,29 @@ from torch import Tensor
 
 from discretelik.heads.gaussian import DiscretizedGaussianDistribution
 from discretelik.heads.logistic import DiscretizedLogisticMixtureDistribution
+from discretelik.heads.mixture.layout import MixtureLayout
+from discretelik.heads.mixture.triton import KernelConfig, triton_elementwise_log_prob
 from discretelik.heads.softmax import DiscreteSoftmaxDistribution
 
 from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
 K, C, SIZE, BINS = 10, 3, 32, 256
 P = K * (1 + 2 * C + C * (C - 1) // 2)  # 100 raw parameter channels (openai's 10 K)
-IMPLS = ["port-style (baseline)", "eager DLM head", "lean DLM head", "triton DLM head"]
+# The Triton kernels' launch variants (CUDA only), timed against the head's default
+# (``KernelConfig()``: two kernels, 128 pixels and 8 warps per program, float64 coupling tanh).
+TRITON_VARIANTS = {
+    "triton op, no head": KernelConfig(),
+    "triton 32 px, 1 warp": KernelConfig(block=32, num_warps=1),
+    "triton 64 px, 2 warps": KernelConfig(block=64, num_warps=2),
+    "triton 128 px, 4 warps": KernelConfig(block=128, num_warps=4),
+    "triton 256 px, 8 warps": KernelConfig(block=256, num_warps=8),
+    "triton float32 tanh": KernelConfig(float64_coupling_tanh=False),
+    "triton fused": KernelConfig(fused=True),
+    "triton fused, 64 px, 2 w": KernelConfig(block=64, num_warps=2, fused=True),
+    "triton fused, f32 tanh": KernelConfig(float64_coupling_tanh=False, fused=True),
+}
+IMPLS = ["port-style (baseline)", "eager DLM head", "lean DLM head", "triton DLM head",
+         *TRITON_VARIANTS]
 BACKENDS = {"eager DLM head": "eager", "lean DLM head": "lean", "triton DLM head": "triton"}
 GAUSSIAN_IMPLS = ["eager Gaussian head", "lean Gaussian head"]
 SOFTMAX_IMPLS = ["port-style (baseline)", "eager softmax head", "lean softmax head"]
@@ -196,12 +228,78 @@ def head(backend: str, kind: str = "dlm") -> Callable[[Tensor, Tensor], Tensor]:
     return run
 
 
+def kernels(config: KernelConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """The DLM kernels called directly (no distribution object, no validation) with
+    ``config``: the mean over images of the per-image sum, as the head rows."""
+    layout = MixtureLayout(C, K, True)
+
+    def run(params: Tensor, x: Tensor) -> Tensor:
+        out = triton_elementwise_log_prob(params, x, layout, BINS, -7.0, config)
+        return out.sum(dim=(-3, -2, -1)).mean()
+
+    return run
+
+
+def traffic(name: str, batch: int) -> dict[str, int]:
+    """Bytes a triton row moves through device memory in forward + backward (its kernels, the
+    upstream gradient, the sums), each tensor counted once per kernel that reads or writes it
+    (a pass that finds it in cache is not counted again), by item."""
+    f32 = 4
+    params = batch * P * SIZE * SIZE * f32
+    per_channel = batch * C * SIZE * SIZE * f32  # out, top, the upstream gradient
+    levels = batch * C * SIZE * SIZE * 8  # int64
+    fused = name != "triton DLM head" and TRITON_VARIANTS[name].fused
+    if fused:
+        return {
+            "params read": params,
+            "levels read": levels,
+            "out + top written": 2 * per_channel,
+            "gradient written": params,
+            "stored gradient scaled in place (read + write)": 2 * params,
+            "out read by the sums": per_channel,
+        }
+    return {
+        "params read (both kernels)": 2 * params,
+        "levels read (both kernels)": 2 * levels,
+        "out + top written, top read": 3 * per_channel,
+        "upstream gradient made dense, read": 2 * per_channel,
+        "gradient written": params,
+        "out read by the sums": per_channel,
+    }
+
+
+def minimum_traffic(batch: int) -> int:
+    """The least any implementation moves: the parameters and levels read once, the gradient
+    written once."""
+    return 2 * batch * P * SIZE * SIZE * 4 + batch * C * SIZE * SIZE * 8
+
+
+def copy_time(n_bytes: int, device: torch.device, repeats: int) -> float:
+    """Median seconds of a device-to-device copy that moves ``n_bytes`` in all (reads half,
+    writes half), measured like the rows (synchronised wall time)."""
+    src = torch.empty(n_bytes // 8, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(max(repeats, 5)):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 # Per ``--head``: the rows (the first is the base of the ratios), their functions, the raw
 # parameter channels, the unit column's name and bytes per image, and the table's title.
 HEADS = {
     "dlm": {
         "impls": IMPLS,
-        "functions": {IMPLS[0]: port_style, **{n: head(b) for n, b in BACKENDS.items()}},
+        "functions": {
+            IMPLS[0]: port_style,
+            **{n: head(b) for n, b in BACKENDS.items()},
+            **{n: kernels(config) for n, config in TRITON_VARIANTS.items()},
+        },
         "channels": P,
         "unit": ("x BKCHW", K * C * SIZE * SIZE * 4, "one float32 B x K x C x H x W tensor"),
         "title": "DLM log-likelihood",
@@ -338,7 +436,41 @@ def worker(args: argparse.Namespace) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     out["time"] = statistics.median(times)
+    if device.type == "cuda" and args.head == "dlm":  # the roofline, in this process
+        if args.worker.startswith("triton"):
+            out["traffic"] = traffic(args.worker, args.batch)
+            out["copy"] = copy_time(sum(out["traffic"].values()), device, args.repeats)
+        out["minimum"] = minimum_traffic(args.batch)
+        out["copy_minimum"] = copy_time(out["minimum"], device, args.repeats)
     return out
+
+
+def roofline(rows: dict[str, dict]) -> list[str]:
+    """Notes: for each CUDA row the bytes it moves (triton rows: by item, ``traffic``; every
+    row: the minimum any implementation moves), the achieved rate, and a device copy of the
+    same bytes timed in the same process."""
+    lines = []
+    for name, r in rows.items():
+        if "minimum" not in r:
+            continue
+        at_min = r["minimum"] / r["time"] / 1e9
+        copy_rate = r["minimum"] / r["copy_minimum"] / 1e9
+        line = (
+            f"roofline, {name}: the minimum traffic ({r['minimum'] / 1e6:.1f} MB: parameters "
+            f"and levels read once, gradient written once) in {1e3 * r['time']:.3f} ms is "
+            f"{at_min:.0f} GB/s, {r['copy_minimum'] / r['time']:.1%} of a device copy of the "
+            f"same bytes ({1e6 * r['copy_minimum']:.1f} us, {copy_rate:.0f} GB/s)"
+        )
+        if "traffic" in r:
+            moved = sum(r["traffic"].values())
+            items = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in r["traffic"].items())
+            line += (
+                f"; its own traffic {moved / 1e6:.1f} MB ({items}) is {moved / r['time'] / 1e9:.0f}"
+                f" GB/s, {r['copy'] / r['time']:.1%} of a copy of as many bytes "
+                f"({1e6 * r['copy']:.1f} us)"
+            )
+        lines.append(line)
+    return lines
 
 
 def step_with(fn, params: Tensor, x: Tensor) -> tuple[float, Tensor]:
@@ -396,14 +528,14 @@ def main(argv: list[str] | None = None) -> None:
     base += ["--threads", str(args.threads)]
     rows = {}
     notes = []
+    skipped = []
     for name in spec["impls"]:
-        if name == "triton DLM head" and device.type != "cuda":
-            note = f"{name}: skipped (needs CUDA; on CPU Triton only interprets the kernels)"
-            print(note)
-            notes.append(note)
+        if name.startswith("triton") and device.type != "cuda":
+            skipped.append(name)
             continue
-        # Compared with the eager head: every head row, and the softmax baseline (same values).
-        reference = "head" in name or args.head == "softmax"
+        # Compared with the eager head: every head and kernel row, and the softmax baseline
+        # (same values).
+        reference = "head" in name or name.startswith("triton") or args.head == "softmax"
         cmd = base + ["--worker", name] + (["--reference"] if reference else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
@@ -436,6 +568,12 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(
             f"{c:{w}s}" if i == 0 else f"{c:>{w}s}" for i, (c, w) in enumerate(zip(cells, widths))
         ))
+    if skipped:
+        note = f"{skipped[0]}: skipped (needs CUDA; on CPU Triton only interprets the kernels)"
+        if len(skipped) > 1:
+            note += f"; so are its launch variants ({'; '.join(skipped[1:])})"
+        print(note)
+        notes.append(note)
     unit = f"{unit_name} = {mb(unit_bytes)} MB"
     print(f"\n{unit}")
     notes.append(unit)
@@ -451,6 +589,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"max|d grad| / max|grad| {r['diff_grad']:.2e}"
             )
         line = f"{name}: mean log-likelihood {r['value']:.4f}{extra}"
+        print(line)
+        notes.append(line)
+
+    for line in roofline(rows):
         print(line)
         notes.append(line)
 

@@ -11,6 +11,17 @@ pixels, so the component log-masses never leave registers. What it allocates:
 * backward: the gradient ``B x P x H x W`` (every channel written by the kernel) and nothing
   else.
 
+``KernelConfig`` (an argument, never a global) selects the launch: pixels per program, warps,
+the coupling ``tanh``'s precision, and the fused path, which computes the gradient of the
+log-likelihood's sum in the forward kernel when a gradient will be needed (as Liger-Kernel's
+cross entropy does) and, in backward, scales it in place by the incoming gradient when that
+is one value per image (``log_prob(x).sum()`` or ``.mean()``, seen from its strides: no value
+is compared, nothing waits for the device), else runs the backward kernel. Its forward
+allocates the gradient (``B x P x H x W``) too, and autograd keeps it until backward returns
+it. The head uses ``DEFAULT_CONFIG``: the two-kernel path until a GPU has timed the variants
+(``examples/benchmarks/likelihood.py`` on CUDA); switching the head to another setting is a
+change of ``KernelConfig``'s defaults, in one place.
+
 Scope: float32 parameters ``(B, P, H, W)`` and levels ``(B, C, H, W)`` with no leading
 ``sample_shape``; ``triton_unsupported(params, value, bins)`` says why a call does not qualify, and the head
 falls back to the PyTorch paths otherwise. Not twice differentiable.
@@ -26,6 +37,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,18 +47,14 @@ from . import logistic
 from .layout import MixtureLayout
 
 __all__ = [
+    "DEFAULT_CONFIG",
+    "KernelConfig",
     "triton_available",
     "triton_elementwise_log_prob",
     "triton_is_default",
     "triton_unsupported",
 ]
 
-# Pixels per program and warps per program. Not yet timed on a GPU; chosen on register use
-# (cuobjdump of the sm_90 build, RGB, K=10): with 8 warps each thread holds 2 entries of a
-# (128, 4) tile and backward needs 128 registers (16 warps per SM can run), where 4 warps need
-# 255 and spill more.
-_BLOCK = 128
-_NUM_WARPS = 8
 # Levels up to 2^24 are exact in float32 (bin edges are formed from them in the kernels).
 _MAX_BINS = 2**24 + 1
 # The oldest GPUs that the default picks the kernels on (Turing); Triton's support for older
@@ -164,13 +172,66 @@ def _offset_table(layout: MixtureLayout, device: torch.device) -> Tensor:
     return torch.tensor(table, dtype=torch.int32, device=device)
 
 
+@dataclass(frozen=True)
+class KernelConfig:
+    """How the DLM kernels are launched: one value per call, no global switch.
+
+    The defaults are the head's (``log_prob_backend="triton"`` and ``"auto"`` on CUDA). They
+    are not yet timed against the other settings on a GPU: ``examples/benchmarks/likelihood.py``
+    times each variant on CUDA, and the default changes here, in one place, once a GPU has.
+
+    Attributes:
+        block: Pixels per program (a power of two, 16 to 1024). The default was chosen on
+            register use (cuobjdump of the sm_90 build, RGB, ``K = 10``): with 8 warps each
+            thread holds 2 entries of a ``(128, 4)`` tile and backward needs 128 registers
+            (16 warps per SM can run), where 4 warps need 255 and spill more.
+        num_warps: Warps per program (a power of two, 1 to 32); ignored by the interpreter.
+        float64_coupling_tanh: Evaluate the coupling's ``tanh`` in float64 and round once (as
+            accurate as ``torch.tanh``), else in float32 (about 2 ulps; float64 is slow on
+            most GPUs). In float32 the gradients of narrow bins are less accurate (measured
+            in the interpreter: 3.4x the eager path's error, ``C = 4``, 65536 bins).
+        fused: When a gradient is needed (grad mode on and ``params.requires_grad``), one
+            kernel computes the log-likelihood and the gradient of its sum, and autograd's
+            backward scales that gradient by the incoming one in place when the latter is
+            constant over ``(C, H, W)`` within each image (an expanded, stride-0 gradient,
+            what ``log_prob(x).sum()`` or ``.mean()`` gives), else runs the backward kernel
+            (any upstream gradient). Off: a forward kernel and a backward kernel.
+    """
+
+    block: int = 128
+    num_warps: int = 8
+    float64_coupling_tanh: bool = True
+    fused: bool = False
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("block", 16, 1024), ("num_warps", 1, 32)):
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high or value & (value - 1):
+                raise ValueError(
+                    f"KernelConfig.{name} must be a power of two in [{low}, {high}], got {value!r}"
+                )
+        for name in ("float64_coupling_tanh", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}"
+                )
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
 def triton_elementwise_log_prob(
-    params: Tensor, value: Tensor, layout: MixtureLayout, bins: int, min_log_scale: float
+    params: Tensor,
+    value: Tensor,
+    layout: MixtureLayout,
+    bins: int,
+    min_log_scale: float,
+    config: KernelConfig = DEFAULT_CONFIG,
 ) -> Tensor:
     """``log p(x_c | x_<c)`` of every sub-pixel, by the Triton kernels.
 
     Same values (to float32 rounding) and gradients as the eager
-    ``DiscretizedLogisticMixtureDistribution.elementwise_log_prob``.
+    ``DiscretizedLogisticMixtureDistribution.elementwise_log_prob``, whatever ``config``.
 
     Args:
         params: float32 raw parameters ``batch_shape + (P, H, W)`` in ``layout`` (any strides;
@@ -180,37 +241,50 @@ def triton_elementwise_log_prob(
         layout: The parameter layout (channels, mixtures, coupling).
         bins: Levels per sub-pixel.
         min_log_scale: Lower clamp of the log-scales.
+        config: Block size, warps, the coupling ``tanh``'s precision and the fused
+            forward-with-gradient path (``KernelConfig``).
 
     Returns:
         float32 tensor of ``value``'s shape.
 
     Raises:
         ValueError: ``params``/``value`` outside the kernels' scope (see ``triton_unsupported``).
+        TypeError: ``config`` is not a ``KernelConfig``.
     """
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig, got {type(config).__name__}")
     reason = triton_unsupported(params, value, bins)
     if reason is not None:
         raise ValueError(f"triton_elementwise_log_prob cannot compute this call: {reason}")
-    out, _top = _DLM_LOG_PROB_OP(
+    args = (
         params, value, layout.channels, layout.mixtures, layout.coupling, bins,
-        float(min_log_scale),
+        float(min_log_scale), config.block, config.num_warps, config.float64_coupling_tanh,
     )  # fmt: skip
+    if config.fused and torch.is_grad_enabled() and params.requires_grad:
+        out, _top, _grad = _DLM_LOG_PROB_WITH_GRAD_OP(*args)
+    else:
+        out, _top = _DLM_LOG_PROB_OP(*args)
     return out
 
 
-def _launch_args_constants(layout: MixtureLayout) -> dict[str, Any]:
-    """The kernels' compile-time constants for ``layout``."""
+def _launch_args_constants(
+    layout: MixtureLayout, block: int = DEFAULT_CONFIG.block,
+    float64_coupling_tanh: bool = DEFAULT_CONFIG.float64_coupling_tanh,
+) -> dict[str, Any]:  # fmt: skip
+    """The kernels' compile-time constants for ``layout`` and a launch configuration."""
     return dict(
         C=layout.channels,
         CP=_next_power_of_2(layout.channels),
         K=layout.mixtures,
         KP=_next_power_of_2(layout.mixtures),
         COUPLING=layout.coupling and layout.channels > 1,
-        BLOCK=_BLOCK,
+        BLOCK=block,
         # The formula's constants, from the one place they are written.
         WIDE_HALF_WIDTH=logistic.WIDE_HALF_WIDTH,
         FAR_TAIL=logistic.FAR_TAIL,
         TINY_LOG_HALF_WIDTH=logistic.TINY_LOG_HALF_WIDTH,
         Z_LIMIT=logistic.Z_LIMIT,
+        WIDE_TANH=float64_coupling_tanh,
     )
 
 
@@ -219,9 +293,17 @@ def _on_device(t: Tensor) -> Any:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+# The launch options after the layout, as every operator below takes them.
+_OPTIONS_SCHEMA = (
+    "int channels, int mixtures, bool coupling, int bins, float min_log_scale, int block, "
+    "int num_warps, bool float64_coupling_tanh"
+)
+
+
 def _launch(
     kernel: str, params: Tensor, value: Tensor, buffers: tuple[Tensor, ...],
-    layout: MixtureLayout, bins: int, min_log_scale: float,
+    channels: int, mixtures: int, coupling: bool, bins: int, min_log_scale: float,
+    block: int, num_warps: int, float64_coupling_tanh: bool,
 ) -> None:  # fmt: skip
     """Run ``kernel`` (a name in the kernel module) over every pixel of contiguous ``params``
     ``batch + (P, H, W)``: its arguments are ``params, value, offset table, *buffers``, then
@@ -229,89 +311,117 @@ def _launch(
     n_pixels = params[..., 0, :, :].numel()
     if n_pixels == 0:
         return
-    constants = _launch_args_constants(layout)
+    layout = MixtureLayout(channels, mixtures, coupling)
+    constants = _launch_args_constants(layout, block, float64_coupling_tanh)
     if not _interpreting():
-        constants["num_warps"] = _NUM_WARPS
+        constants["num_warps"] = num_warps
     with _on_device(params):
-        getattr(_kernels(), kernel)[(-(-n_pixels // _BLOCK),)](
+        getattr(_kernels(), kernel)[(-(-n_pixels // block),)](
             params, value, _offset_table(layout, params.device), *buffers,
             n_pixels, params.shape[-1] * params.shape[-2], params.shape[-3],
             float(bins - 1), float(min_log_scale), **constants,
         )  # fmt: skip
 
 
-def _run_forward(
-    params: Tensor, value: Tensor, channels: int, mixtures: int, coupling: bool, bins: int,
-    min_log_scale: float,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _run_forward(params: Tensor, value: Tensor, *options: Any) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel: ``(out, top)``, float32 of ``value``'s shape."""
     out = torch.empty(value.shape, dtype=torch.float32, device=params.device)
     top = torch.empty_like(out)
-    _launch(
-        "dlm_forward_kernel", params.contiguous(), value.contiguous(), (out, top),
-        MixtureLayout(channels, mixtures, coupling), bins, min_log_scale,
-    )  # fmt: skip
+    _launch("dlm_forward_kernel", params.contiguous(), value.contiguous(), (out, top), *options)
     return out, top
 
 
 def _run_backward(
-    params: Tensor, value: Tensor, top: Tensor, grad: Tensor, channels: int, mixtures: int,
-    coupling: bool, bins: int, min_log_scale: float,
-) -> Tensor:  # fmt: skip
+    params: Tensor, value: Tensor, top: Tensor, grad: Tensor, *options: Any
+) -> Tensor:
     """Launch the backward kernel: the gradient, float32 of ``params``' shape (contiguous)."""
     out = torch.empty(params.shape, dtype=torch.float32, device=params.device)
     _launch(
         "dlm_backward_kernel", params.contiguous(), value.contiguous(),
-        (top.contiguous(), grad.contiguous(), out),
-        MixtureLayout(channels, mixtures, coupling), bins, min_log_scale,
+        (top.contiguous(), grad.contiguous(), out), *options,
     )  # fmt: skip
     return out
+
+
+def _run_forward_grad(
+    params: Tensor, value: Tensor, *options: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the fused kernel: ``(out, top, grad)``, ``grad`` the gradient of ``out.sum()``
+    (float32 of ``params``' shape, contiguous)."""
+    out = torch.empty(value.shape, dtype=torch.float32, device=params.device)
+    top = torch.empty_like(out)
+    grad = torch.empty(params.shape, dtype=torch.float32, device=params.device)
+    _launch(
+        "dlm_forward_grad_kernel", params.contiguous(), value.contiguous(), (out, top, grad),
+        *options,
+    )  # fmt: skip
+    return out, top, grad
+
+
+def _constant_per_image(grad: Tensor) -> bool:
+    """Whether ``grad`` (``batch + (C, H, W)``) is visibly one value per image: stride 0 in
+    each of its last three dimensions that has more than one element, as the ``expand`` of
+    ``sum``'s or ``mean``'s backward leaves it. Strides only: no value is compared, so nothing
+    waits for the device; a constant gradient stored densely is not recognised (the backward
+    kernel then computes the same gradient)."""
+    return grad.dim() >= 3 and all(
+        grad.stride(d) == 0 or grad.shape[d] == 1 for d in (-3, -2, -1)
+    )
 
 
 def _register_ops() -> Any:
     """The kernels as ``torch.library`` custom operators with autograd, so that
     ``torch.compile`` can trace a call (it sees one opaque operator and its fake, shape-only
-    version) instead of breaking the graph; ``None`` before torch 2.4."""
+    version) instead of breaking the graph: ``(log_prob, log_prob_with_grad)``, ``None``s
+    before torch 2.4."""
     custom_op = getattr(torch.library, "custom_op", None)
     if custom_op is None:
-        return None
+        return None, None
 
     # Explicit schemas: inferring them from annotations depends on the torch version (these
     # annotations are strings here, ``from __future__ import annotations``).
     @custom_op(
         "discretelik::dlm_log_prob",
         mutates_args=(),
-        schema="(Tensor params, Tensor value, int channels, int mixtures, bool coupling, "
-        "int bins, float min_log_scale) -> (Tensor, Tensor)",
+        schema=f"(Tensor params, Tensor value, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor)",
     )
-    def forward_op(
-        params: Tensor, value: Tensor, channels: int, mixtures: int, coupling: bool, bins: int,
-        min_log_scale: float,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        return _run_forward(params, value, channels, mixtures, coupling, bins, min_log_scale)
+    def forward_op(params: Tensor, value: Tensor, *options: Any) -> tuple[Tensor, Tensor]:
+        return _run_forward(params, value, *options)
 
     @forward_op.register_fake
-    def _(params, value, channels, mixtures, coupling, bins, min_log_scale):  # noqa: ANN001, ANN202
+    def _(params, value, *options):  # noqa: ANN001, ANN202
         out = value.new_empty(value.shape, dtype=torch.float32)
         return out, torch.empty_like(out)
 
     @custom_op(
         "discretelik::dlm_log_prob_backward",
         mutates_args=(),
-        schema="(Tensor params, Tensor value, Tensor top, Tensor grad, int channels, "
-        "int mixtures, bool coupling, int bins, float min_log_scale) -> Tensor",
+        schema=f"(Tensor params, Tensor value, Tensor top, Tensor grad, {_OPTIONS_SCHEMA}) "
+        "-> Tensor",
     )
     def backward_op(
-        params: Tensor, value: Tensor, top: Tensor, grad: Tensor, channels: int, mixtures: int,
-        coupling: bool, bins: int, min_log_scale: float,
-    ) -> Tensor:  # fmt: skip
-        return _run_backward(
-            params, value, top, grad, channels, mixtures, coupling, bins, min_log_scale
-        )
+        params: Tensor, value: Tensor, top: Tensor, grad: Tensor, *options: Any
+    ) -> Tensor:
+        return _run_backward(params, value, top, grad, *options)
 
     @backward_op.register_fake
-    def _(params, value, top, grad, channels, mixtures, coupling, bins, min_log_scale):  # noqa: ANN001, ANN202
+    def _(params, value, top, grad, *options):  # noqa: ANN001, ANN202
         return params.new_empty(params.shape, dtype=torch.float32)
+
+    @custom_op(
+        "discretelik::dlm_log_prob_with_grad",
+        mutates_args=(),
+        schema=f"(Tensor params, Tensor value, {_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)",
+    )
+    def with_grad_op(
+        params: Tensor, value: Tensor, *options: Any
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return _run_forward_grad(params, value, *options)
+
+    @with_grad_op.register_fake
+    def _(params, value, *options):  # noqa: ANN001, ANN202
+        out = value.new_empty(value.shape, dtype=torch.float32)
+        return out, torch.empty_like(out), params.new_empty(params.shape, dtype=torch.float32)
 
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         params, value, *options = inputs
@@ -325,11 +435,37 @@ def _register_ops() -> Any:
         return (d_params,) + (None,) * (1 + len(ctx.options))
 
     forward_op.register_autograd(backward, setup_context=setup_context)
-    return forward_op
+
+    def setup_context_with_grad(ctx: Any, inputs: tuple, output: tuple) -> None:
+        params, value, *options = inputs
+        # The gradient of out.sum() (params' size, which backward returns) and, for an
+        # upstream gradient that is not one value per image, what the backward kernel reads.
+        ctx.save_for_backward(params, value, output[1], output[2])
+        ctx.options = options
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def backward_with_grad(
+        ctx: Any, grad: Tensor, _grad_top: Tensor, _grad_grad: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        params, value, top, d_sum = ctx.saved_tensors
+        if _constant_per_image(grad):
+            # d/d params of sum_b g_b sum_chw out = g_b * (gradient of the image's sum). In
+            # place: the gradient needs no second B x P x H x W buffer. (A second backward
+            # through the same graph, retain_graph=True, then fails autograd's version check
+            # of the saved tensor instead of scaling twice.)
+            per_image = grad[..., 0, 0, 0]
+            d_params = d_sum.mul_(per_image.reshape(per_image.shape + (1, 1, 1)))
+        else:
+            d_params = backward_op(params, value, top, grad, *ctx.options)
+        return (d_params,) + (None,) * (1 + len(ctx.options))
+
+    with_grad_op.register_autograd(backward_with_grad, setup_context=setup_context_with_grad)
+    return forward_op, with_grad_op
 
 
 try:
-    _DLM_LOG_PROB_OP = _register_ops()
+    _DLM_LOG_PROB_OP, _DLM_LOG_PROB_WITH_GRAD_OP = _register_ops()
     _REGISTRATION_ERROR: Exception | None = None
 except Exception as error:  # noqa: BLE001  (an API change must not break importing the package)
-    _DLM_LOG_PROB_OP, _REGISTRATION_ERROR = None, error
+    _DLM_LOG_PROB_OP = _DLM_LOG_PROB_WITH_GRAD_OP = None
+    _REGISTRATION_ERROR = error

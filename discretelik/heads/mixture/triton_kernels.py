@@ -13,10 +13,20 @@ done per pixel inside one program instead of per component across the whole batc
   live only in registers: nothing of size ``B x K x C x H x W`` is ever written to memory.
   It is a run-time loop: unrolled (``tl.static_range``) the backward kernel took 90 s to
   compile for ``K = 10``, rolled 2.4 s;
-* forward writes the per-channel conditional log-likelihood and the running maximum ``top``
-  of ``v_kc = log pi_k + sum_{j<c} L_kj`` (``B x C x H x W`` each); backward reads ``top``,
-  recomputes both normalisers in a first pass and writes the gradient of every raw parameter
-  in a second, exactly the two passes of the lean PyTorch path.
+* ``dlm_forward_kernel`` writes the per-channel conditional log-likelihood and the running
+  maximum ``top`` of ``v_kc = log pi_k + sum_{j<c} L_kj`` (``B x C x H x W`` each), one pass;
+  ``dlm_backward_kernel`` reads ``top``, recomputes both normalisers in a first pass and
+  writes the gradient of every raw parameter in a second, exactly the two passes of the lean
+  PyTorch path;
+* ``dlm_forward_grad_kernel`` (the fused path) does all three passes in one program: ``top``,
+  then the normalisers against it (the log-likelihood from them), then the gradient of the
+  log-likelihood's sum (an upstream gradient of 1 at every sub-pixel). The passes are shared
+  functions (``_running_top``, ``_normalisers``, ``_write_gradients``), so the two paths
+  cannot drift apart.
+
+Launch settings that change the code are compile-time arguments: ``BLOCK`` (pixels per
+program) and ``WIDE_TANH`` (the coupling's ``tanh`` in float64 or float32); ``triton.py``
+passes them from its ``KernelConfig``.
 
 Only core ``tl`` operations are used (no ``libdevice``), so that the same source compiles with
 the Triton that ships with older PyTorch releases and runs in Triton's CPU interpreter
@@ -79,15 +89,21 @@ def _tanh(x):
 
 
 @triton.jit
-def _coupling_tanh(alpha):
-    """``tanh`` of a raw coupling coefficient, evaluated in float64 and rounded once.
+def _coupling_tanh(alpha, WIDE_TANH: tl.constexpr):
+    """``tanh`` of a raw coupling coefficient: evaluated in float64 and rounded once when
+    ``WIDE_TANH``, else ``_tanh`` in float32.
 
     The coupled location ``mu`` enters the standardised edges multiplied by the inverse scale
     (up to ``e^7``), so its rounding shows in the gradients of narrow bins: ``_tanh``'s ~2
     float32 ulps made them ~3x less accurate than the eager path's (``torch.tanh``, 0.5 ulp).
-    There are only ``C (C - 1) / 2`` of these per component and pixel.
+    There are only ``C (C - 1) / 2`` of these per component and pixel, but float64 runs at a
+    fraction of float32's rate on most GPUs, so the float32 form is kept as a variant to time.
     """
-    return _tanh(alpha.to(tl.float64)).to(tl.float32)
+    if WIDE_TANH:
+        t = _tanh(alpha.to(tl.float64)).to(tl.float32)
+    else:
+        t = _tanh(alpha)
+    return t
 
 
 @triton.jit
@@ -174,7 +190,7 @@ def _component(
     n_levels, min_log_scale,
     C: tl.constexpr, CP: tl.constexpr, COUPLING: tl.constexpr,
     WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
-    Z_LIMIT: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
 ):  # fmt: skip
     """Log bin masses ``L_kc`` of component ``k`` at every channel, ``(BLOCK, CP)``, and
     everything the derivatives need (see ``_component_grads``).
@@ -200,7 +216,7 @@ def _component(
                 mask=m2 & (off >= 0)[None, :],
                 other=0.0,
             )
-            coupled = coupled + _coupling_tanh(alpha) * _column(centre, col, j)[:, None]
+            coupled = coupled + _coupling_tanh(alpha, WIDE_TANH) * _column(centre, col, j)[:, None]
         mu = mu + coupled
     inv_scale = tl.exp(-ls)
     upper = (upper_edge - mu) * inv_scale  # standardised bin edges
@@ -240,7 +256,7 @@ def _log_mass(
     n_levels, min_log_scale,
     C: tl.constexpr, CP: tl.constexpr, COUPLING: tl.constexpr,
     WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
-    Z_LIMIT: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
 ):  # fmt: skip
     """``L_kc`` alone (unpacked here rather than indexed: older Triton cannot index tuples)."""
     (log_mass, _raw_ls, _inv_scale, _upper, _lower, _flip, _a, _b, _wide, _aw, _bw,
@@ -248,7 +264,7 @@ def _log_mass(
         params_ptr, tab_ptr, pbase, HW, m2, col, k,
         centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
         n_levels, min_log_scale, C, CP, COUPLING,
-        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
+        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
     )  # fmt: skip
     return log_mass
 
@@ -313,73 +329,48 @@ def _geometry(value_ptr, tab_ptr, b, s, pmask, HW, n_levels, C: tl.constexpr, CP
     return col, m2, vptr, centre, upper_edge, lower_edge, first, last, loc_off, scale_off
 
 
-@triton.jit
-def dlm_forward_kernel(
-    params_ptr, value_ptr, tab_ptr, out_ptr, top_ptr,
-    N, HW, P, n_levels, min_log_scale,
-    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    COUPLING: tl.constexpr, BLOCK: tl.constexpr,
-    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
-    Z_LIMIT: tl.constexpr,
-):  # fmt: skip
-    """``out[b, c, s] = log p(x_c | x_<c)`` and ``top[b, c, s] = max_k v_kc``.
 
-    ``out_c = logsumexp_k(v_kc + L_kc) - logsumexp_k(v_kc)``, both online over ``k`` with
-    ``L`` added to ``v - top`` (see ``lean.py``: keeps precision when ``v ~ -1e7``).
-    """
-    pmask, b, s = _pixels(tl.program_id(0), N, HW, BLOCK)
-    pbase = b * P * HW + s  # params[b, 0, s]
-    col, m2, vptr, centre, upper_edge, lower_edge, first, last, loc_off, scale_off = _geometry(
-        value_ptr, tab_ptr, b, s, pmask, HW, n_levels, C, CP
-    )
-    log_w, kcol = _log_weights(params_ptr, pbase, pmask, HW, K, KP)
+
+# The arguments every pass over the components shares, in this order (Triton functions take
+# no structures): the pointers and pixel geometry, then the compile-time constants.
+@triton.jit
+def _running_top(
+    params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+    centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+    n_levels, min_log_scale,
+    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, COUPLING: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
+):  # fmt: skip
+    """``top = max_k v_kc``, ``(BLOCK, CP)``: the same maximum as the forward kernel's (the
+    same ``v``, the same ``maximum``), without its sums."""
     top = tl.full([BLOCK, CP], float("-inf"), tl.float32)
-    peak = tl.full([BLOCK, CP], float("-inf"), tl.float32)
-    s_v = tl.zeros([BLOCK, CP], tl.float32)
-    s_y = tl.zeros([BLOCK, CP], tl.float32)
     for k in range(K):
         log_mass = _log_mass(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
-            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
+            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
         )  # fmt: skip
-        v = _column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)
-        new_top = tl.maximum(top, v)
-        y = (v - new_top) + log_mass  # L added to a moderate number
-        shift = top - new_top  # <= 0 (-inf at k = 0, where nothing was kept)
-        s_v = s_v * tl.exp(shift) + tl.exp(v - new_top)
-        peak = peak + shift
-        new_peak = tl.maximum(peak, y)
-        s_y = s_y * tl.exp(peak - new_peak) + tl.exp(y - new_peak)
-        peak = new_peak
-        top = new_top
-    out = (peak + tl.log(s_y)) - tl.log(s_v)
-    tl.store(out_ptr + vptr, out, mask=m2)
-    tl.store(top_ptr + vptr, top, mask=m2)
+        top = tl.maximum(top, _column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C))
+    return top
 
 
 @triton.jit
-def dlm_backward_kernel(
-    params_ptr, value_ptr, tab_ptr, top_ptr, grad_out_ptr, grad_ptr,
-    N, HW, P, n_levels, min_log_scale,
-    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    COUPLING: tl.constexpr, BLOCK: tl.constexpr,
+def _normalisers(
+    params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+    centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+    n_levels, min_log_scale, top,
+    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, COUPLING: tl.constexpr,
+    BLOCK: tl.constexpr,
     WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
-    Z_LIMIT: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
 ):  # fmt: skip
-    """Gradient of ``sum(grad_out * out)`` with respect to every raw parameter, written to
-    ``grad`` (``B x P x H x W``, every channel of it)."""
-    pmask, b, s = _pixels(tl.program_id(0), N, HW, BLOCK)
-    pbase = b * P * HW + s
-    col, m2, vptr, centre, upper_edge, lower_edge, first, last, loc_off, scale_off = _geometry(
-        value_ptr, tab_ptr, b, s, pmask, HW, n_levels, C, CP
-    )
-    log_w, kcol = _log_weights(params_ptr, pbase, pmask, HW, K, KP)
-    top = tl.load(top_ptr + vptr, mask=m2, other=0.0)
-    g = tl.load(grad_out_ptr + vptr, mask=m2, other=0.0)  # 0 in padding columns
-
-    # First pass: both normalisers, from the very values the second pass recomputes.
+    """Both normalisers against the final ``top``: ``log s_v = logsumexp_k(v_kc - top)`` and
+    ``(peak, log s_y)`` with ``peak + log s_y = logsumexp_k(v_kc - top + L_kc)``, from the very
+    values ``_write_gradients`` recomputes (the first pass of the lean backward; the forward's
+    sums, formed against the running maximum, are not enough: see ``lean.py``)."""
     s_v = tl.zeros([BLOCK, CP], tl.float32)
     peak = tl.full([BLOCK, CP], float("-inf"), tl.float32)
     s_y = tl.zeros([BLOCK, CP], tl.float32)
@@ -388,7 +379,7 @@ def dlm_backward_kernel(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
-            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
+            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
         )  # fmt: skip
         centred = (_column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)) - top
         y = centred + log_mass
@@ -396,10 +387,23 @@ def dlm_backward_kernel(
         new_peak = tl.maximum(peak, y)
         s_y = s_y * tl.exp(peak - new_peak) + tl.exp(y - new_peak)
         peak = new_peak
-    log_s_v = tl.log(s_v)
-    log_s_y = tl.log(s_y)
+    return tl.log(s_v), peak, tl.log(s_y)
 
-    # Second pass: posteriors before (q) and after (r) each channel, then the chain rule.
+
+@triton.jit
+def _write_gradients(
+    params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+    centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+    n_levels, min_log_scale, top, log_s_v, peak, log_s_y, g, grad_ptr, pmask,
+    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, COUPLING: tl.constexpr,
+    BLOCK: tl.constexpr, KP: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
+):  # fmt: skip
+    """Gradient of ``sum(g * out)`` with respect to every raw parameter, written to ``grad``
+    (``B x P x H x W``, every channel): posteriors before (``q``) and after (``r``) each
+    channel from ``_normalisers``' results, then the chain rule (see ``lean.py``). ``g`` is
+    ``0`` in padding columns and at masked pixels."""
     d_log_w = tl.zeros([BLOCK, KP], tl.float32)
     for k in range(K):
         (log_mass, raw_ls, inv_scale, upper, lower, flip, a, bb, wide, aw, bw, log_ratio,
@@ -407,7 +411,7 @@ def dlm_backward_kernel(
             params_ptr, tab_ptr, pbase, HW, m2, col, k,
             centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
             n_levels, min_log_scale, C, CP, COUPLING,
-            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT,
+            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
         )  # fmt: skip
         d_mu, d_ls = _component_grads(
             first, last, inv_scale, upper, lower, flip, a, bb, wide, aw, bw, log_ratio,
@@ -434,7 +438,7 @@ def dlm_backward_kernel(
                 off = tl.load(tab_ptr + 2 * CP + col * CP + j, mask=col < C, other=-1)
                 ptr = pbase[:, None] + (off + k)[None, :].to(tl.int64) * HW
                 has = m2 & (off >= 0)[None, :]
-                t = _coupling_tanh(tl.load(params_ptr + ptr, mask=has, other=0.0))
+                t = _coupling_tanh(tl.load(params_ptr + ptr, mask=has, other=0.0), WIDE_TANH)
                 d_alpha = d_mu * _column(centre, col, j)[:, None] * (1.0 - t * t)
                 tl.store(grad_ptr + ptr, d_alpha, mask=has)
     # Through log_softmax: d logits = d lw - softmax * sum_k d lw.
@@ -445,3 +449,133 @@ def dlm_backward_kernel(
         d_logits,
         mask=pmask[:, None] & kmask[None, :],
     )
+
+
+@triton.jit
+def dlm_forward_kernel(
+    params_ptr, value_ptr, tab_ptr, out_ptr, top_ptr,
+    N, HW, P, n_levels, min_log_scale,
+    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    COUPLING: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
+):  # fmt: skip
+    """``out[b, c, s] = log p(x_c | x_<c)`` and ``top[b, c, s] = max_k v_kc``.
+
+    ``out_c = logsumexp_k(v_kc + L_kc) - logsumexp_k(v_kc)``, both online over ``k`` with
+    ``L`` added to ``v - top`` (see ``lean.py``: keeps precision when ``v ~ -1e7``): one pass.
+    """
+    pmask, b, s = _pixels(tl.program_id(0), N, HW, BLOCK)
+    pbase = b * P * HW + s  # params[b, 0, s]
+    col, m2, vptr, centre, upper_edge, lower_edge, first, last, loc_off, scale_off = _geometry(
+        value_ptr, tab_ptr, b, s, pmask, HW, n_levels, C, CP
+    )
+    log_w, kcol = _log_weights(params_ptr, pbase, pmask, HW, K, KP)
+    top = tl.full([BLOCK, CP], float("-inf"), tl.float32)
+    peak = tl.full([BLOCK, CP], float("-inf"), tl.float32)
+    s_v = tl.zeros([BLOCK, CP], tl.float32)
+    s_y = tl.zeros([BLOCK, CP], tl.float32)
+    for k in range(K):
+        log_mass = _log_mass(
+            params_ptr, tab_ptr, pbase, HW, m2, col, k,
+            centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+            n_levels, min_log_scale, C, CP, COUPLING,
+            WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
+        )  # fmt: skip
+        v = _column(log_w, kcol, k)[:, None] + _exclusive_cumsum(log_mass, col, C)
+        new_top = tl.maximum(top, v)
+        y = (v - new_top) + log_mass  # L added to a moderate number
+        shift = top - new_top  # <= 0 (-inf at k = 0, where nothing was kept)
+        s_v = s_v * tl.exp(shift) + tl.exp(v - new_top)
+        peak = peak + shift
+        new_peak = tl.maximum(peak, y)
+        s_y = s_y * tl.exp(peak - new_peak) + tl.exp(y - new_peak)
+        peak = new_peak
+        top = new_top
+    out = (peak + tl.log(s_y)) - tl.log(s_v)
+    tl.store(out_ptr + vptr, out, mask=m2)
+    tl.store(top_ptr + vptr, top, mask=m2)
+
+
+@triton.jit
+def dlm_backward_kernel(
+    params_ptr, value_ptr, tab_ptr, top_ptr, grad_out_ptr, grad_ptr,
+    N, HW, P, n_levels, min_log_scale,
+    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    COUPLING: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
+):  # fmt: skip
+    """Gradient of ``sum(grad_out * out)`` with respect to every raw parameter, written to
+    ``grad`` (``B x P x H x W``, every channel of it): two passes over the components."""
+    pmask, b, s = _pixels(tl.program_id(0), N, HW, BLOCK)
+    pbase = b * P * HW + s
+    col, m2, vptr, centre, upper_edge, lower_edge, first, last, loc_off, scale_off = _geometry(
+        value_ptr, tab_ptr, b, s, pmask, HW, n_levels, C, CP
+    )
+    log_w, kcol = _log_weights(params_ptr, pbase, pmask, HW, K, KP)
+    top = tl.load(top_ptr + vptr, mask=m2, other=0.0)
+    g = tl.load(grad_out_ptr + vptr, mask=m2, other=0.0)  # 0 in padding columns
+    log_s_v, peak, log_s_y = _normalisers(
+        params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+        centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+        n_levels, min_log_scale, top, C, CP, K, COUPLING, BLOCK,
+        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
+    )  # fmt: skip
+    _write_gradients(
+        params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+        centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+        n_levels, min_log_scale, top, log_s_v, peak, log_s_y, g, grad_ptr, pmask,
+        C, CP, K, COUPLING, BLOCK, KP,
+        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
+    )  # fmt: skip
+
+
+@triton.jit
+def dlm_forward_grad_kernel(
+    params_ptr, value_ptr, tab_ptr, out_ptr, top_ptr, grad_ptr,
+    N, HW, P, n_levels, min_log_scale,
+    C: tl.constexpr, CP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    COUPLING: tl.constexpr, BLOCK: tl.constexpr,
+    WIDE_HALF_WIDTH: tl.constexpr, FAR_TAIL: tl.constexpr, TINY_LOG_HALF_WIDTH: tl.constexpr,
+    Z_LIMIT: tl.constexpr, WIDE_TANH: tl.constexpr,
+):  # fmt: skip
+    """Forward with gradient: ``out`` and ``top`` as ``dlm_forward_kernel``, and in ``grad``
+    the gradient of ``sum(out)`` (upstream gradient 1 at every sub-pixel) with respect to
+    every raw parameter, in one launch.
+
+    Three passes over the components, the same work as forward + backward: the maximum
+    ``top`` first, then both normalisers against it (``out`` from them, so that it is
+    normalised exactly as the posteriors are), then the gradients. What it saves is the
+    second launch, ``top``'s round trip through memory and the read of the upstream
+    gradient; the parameters are read from memory by one program, its later passes finding
+    them in cache.
+    """
+    pmask, b, s = _pixels(tl.program_id(0), N, HW, BLOCK)
+    pbase = b * P * HW + s
+    col, m2, vptr, centre, upper_edge, lower_edge, first, last, loc_off, scale_off = _geometry(
+        value_ptr, tab_ptr, b, s, pmask, HW, n_levels, C, CP
+    )
+    log_w, kcol = _log_weights(params_ptr, pbase, pmask, HW, K, KP)
+    top = _running_top(
+        params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+        centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+        n_levels, min_log_scale, C, CP, K, COUPLING, BLOCK,
+        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
+    )  # fmt: skip
+    log_s_v, peak, log_s_y = _normalisers(
+        params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+        centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+        n_levels, min_log_scale, top, C, CP, K, COUPLING, BLOCK,
+        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
+    )  # fmt: skip
+    tl.store(out_ptr + vptr, (peak + log_s_y) - log_s_v, mask=m2)
+    tl.store(top_ptr + vptr, top, mask=m2)
+    g = tl.where(m2, 1.0, 0.0)  # 0 in padding columns and at masked pixels
+    _write_gradients(
+        params_ptr, tab_ptr, pbase, HW, m2, col, log_w, kcol,
+        centre, upper_edge, lower_edge, first, last, loc_off, scale_off,
+        n_levels, min_log_scale, top, log_s_v, peak, log_s_y, g, grad_ptr, pmask,
+        C, CP, K, COUPLING, BLOCK, KP,
+        WIDE_HALF_WIDTH, FAR_TAIL, TINY_LOG_HALF_WIDTH, Z_LIMIT, WIDE_TANH,
+    )  # fmt: skip
