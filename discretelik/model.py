@@ -179,11 +179,13 @@ class AutoregressiveModel(nn.Module):
         """Levels per sub-pixel."""
         return self.head.bins
 
-    def check_image(self, x: Tensor, name: str = "x") -> None:
+    def check_image(self, x: Tensor, name: str = "x", validate_args: bool | None = None) -> None:
         """Validate an integer image ``(B, C, H, W)`` with levels in ``[0, bins - 1]``.
 
-        The range check reads the tensor; it is skipped when
-        ``torch.distributions.Distribution.set_default_validate_args(False)`` is in force.
+        The range check reads the tensor (and so synchronises a GPU); it runs when
+        ``validate_args`` is true, or when it is ``None`` and
+        ``torch.distributions.Distribution``'s global default is on; never while
+        ``torch.compile`` traces. Type and shape checks always run.
         """
         check_tensor(x, name)
         check_integer_dtype(x, name)
@@ -192,7 +194,8 @@ class AutoregressiveModel(nn.Module):
             raise ValueError(
                 f"{name} must have {self.channels} channels, got shape {tuple(x.shape)}"
             )
-        if value_checks_enabled():
+        values = value_checks_enabled() if validate_args is None else validate_args
+        if values and not torch.compiler.is_compiling():
             check_levels(x, self.bins, name)
 
     def scale(self, x: Tensor) -> Tensor:
@@ -206,12 +209,21 @@ class AutoregressiveModel(nn.Module):
         dtype = first.dtype if float_params else torch.float32
         return x.to(dtype) * (2.0 / (self.bins - 1)) - 1.0
 
-    def params(self, x: Tensor, cond: Conditioning = None) -> Tensor:
-        """Raw head parameters ``(B, head.param_channels, H, W)`` for integer images ``x``."""
-        self.check_image(x)
+    def params(
+        self, x: Tensor, cond: Conditioning = None, *, validate_args: bool | None = None
+    ) -> Tensor:
+        """Raw head parameters ``(B, head.param_channels, H, W)`` for integer images ``x``.
+
+        Under an autocast the caller opened, the backbone and the head's projection run in
+        its dtype (e.g. bf16 parameters); ``validate_args`` as in
+        [`check_image`][discretelik.AutoregressiveModel.check_image].
+        """
+        self.check_image(x, validate_args=validate_args)
         return self.head.params(self.backbone(self.scale(x), cond))
 
-    def forward(self, x: Tensor, cond: Conditioning = None) -> DiscreteImageDistribution:
+    def forward(
+        self, x: Tensor, cond: Conditioning = None, *, validate_args: bool | None = None
+    ) -> DiscreteImageDistribution:
         """The model's distribution given integer images ``x`` ``(B, C, H, W)``.
 
         Args:
@@ -219,22 +231,51 @@ class AutoregressiveModel(nn.Module):
                 ``(i, j)`` depend only on the pixels of ``x`` before it (and on earlier channels
                 of the same pixel where the head allows it).
             cond: Optional conditioning (see [`Conditioning`][discretelik.Conditioning]).
+            validate_args: Check the levels of ``x`` and the parameters' values (reads them,
+                so synchronises a GPU); ``None`` follows ``torch.distributions``' global
+                default. Type and shape checks always run.
 
         Returns:
             A distribution with ``batch_shape (B,)`` and ``event_shape (C, H, W)``.
         """
-        return self.head.distribution(self.params(x, cond))
+        return self.head.distribution(
+            self.params(x, cond, validate_args=validate_args), validate_args=validate_args
+        )
 
-    def log_prob(self, x: Tensor, cond: Conditioning = None) -> Tensor:
-        """Log-likelihood (nats) of each image, float32 ``(B,)`` (float64 for a float64 model)."""
-        return self.forward(x, cond).log_prob(x)
+    def log_prob(
+        self, x: Tensor, cond: Conditioning = None, *, validate_args: bool | None = None
+    ) -> Tensor:
+        """Log-likelihood (nats) of each image, float32 ``(B,)`` (float64 for a float64 model).
 
-    def bits_per_dim(self, x: Tensor, cond: Conditioning = None) -> Tensor:
+        This is the training loss's path too: under an autocast the caller opened (e.g.
+        ``torch.autocast("cuda", torch.bfloat16)``) the backbone and the head's projection run
+        in the autocast dtype, while the distribution and its log-likelihood run with autocast
+        off on float32 parameters.
+
+        Args:
+            x: Integer images ``(B, C, H, W)`` with levels in ``[0, bins - 1]``.
+            cond: Optional conditioning (see [`Conditioning`][discretelik.Conditioning]).
+            validate_args: As in [`forward`][discretelik.AutoregressiveModel.forward]; the
+                trainer passes ``False`` (its data is checked once, and per-step checks would
+                synchronise the GPU and break compiled graphs).
+        """
+        params = self.params(x, cond, validate_args=validate_args)
+        # The head casts bf16/fp16 parameters to float32; with autocast off its log-likelihood
+        # then stays float32 end to end (autocast would run some of its ops in bf16).
+        with torch.autocast(device_type=params.device.type, enabled=False):
+            dist = self.head.distribution(params, validate_args=validate_args)
+            return dist.log_prob(x)
+
+    def bits_per_dim(
+        self, x: Tensor, cond: Conditioning = None, *, validate_args: bool | None = None
+    ) -> Tensor:
         """Negative log-likelihood in bits per sub-pixel of each image, float32 ``(B,)``.
 
-        float64 for a float64 model.
+        float64 for a float64 model. Arguments and precision as in
+        [`log_prob`][discretelik.AutoregressiveModel.log_prob]; the training loss of
+        [`LikelihoodLoss`][discretelik.train.LikelihoodLoss] and the evaluation call it.
         """
-        return bits_per_dim(self.log_prob(x, cond), x.shape[1:])
+        return bits_per_dim(self.log_prob(x, cond, validate_args=validate_args), x.shape[1:])
 
     @torch.no_grad()
     def sample(

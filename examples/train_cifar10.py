@@ -63,11 +63,16 @@ import argparse
 import json
 import math
 import os
+import platform
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+# Before torch is imported: --time-budget and "first step after" count from here.
+LAUNCHED = time.perf_counter()
 
 import torch
 
@@ -85,6 +90,7 @@ from discretelik.train import (
     init_distributed,
     load_checkpoint,
     save_image_grid,
+    set_compile_cache_dir,
 )
 
 # One dict per recipe; a flag given on the command line overrides the recipe's value.
@@ -101,40 +107,65 @@ RECIPES: dict[str, dict[str, Any]] = {
         ema_decay=0.995, ema_warmup=True,  # a short run: average over the last ~200 steps
         steps=800, epochs=None, init_batch_size=32, precision="fp32", channels_last=False,
         compile=False, log_every=50, eval_every=0, checkpoint_every=0, sample_every=0,
-        samples=4, eval_batch_size=125,
+        samples=4, eval_batch_size=125, lr_schedule="exponential", decay_steps=0,
+        final_lr_fraction=0.0, eval_precision="fp32", time_budget=None,
     ),
     "paper": dict(
         preset="paper", mixtures=10, batch_size=16, lr=1e-3, lr_decay=0.999995, warmup_steps=0,
         ema_decay=0.9995, ema_warmup=False, steps=None, epochs=5000, init_batch_size=100,
         precision="fp32", channels_last=False, compile=False, log_every=100, eval_every="epoch",
         checkpoint_every="epoch", sample_every="20 epochs", samples=16, eval_batch_size=250,
+        lr_schedule="exponential", decay_steps=0, final_lr_fraction=0.0, eval_precision="fp32",
+        time_budget=None,
     ),
     "gpu": dict(
         preset="paper", mixtures=10, batch_size=128, lr=None, lr_decay=0.999995,
-        warmup_steps=500, ema_decay=0.9995, ema_warmup=False, steps=None, epochs=5000,
-        init_batch_size=100, precision="bf16", channels_last=True, compile=True, log_every=100,
-        eval_every="5 epochs", checkpoint_every="epoch", sample_every="20 epochs", samples=16,
-        eval_batch_size=250,
+        # EMA warm-up on: without it 0.9995**2000 = 37 % of the initial weights remain in the
+        # average after 2,000 steps, which dominated the test figure of short runs.
+        warmup_steps=500, ema_decay=0.9995, ema_warmup=True, steps=None, epochs=5000,
+        init_batch_size=100, precision="bf16", channels_last=True, compile="regional",
+        log_every=100, eval_every="5 epochs", checkpoint_every="epoch",
+        sample_every="20 epochs", samples=16, eval_batch_size=500, lr_schedule="exponential",
+        decay_steps=0, final_lr_fraction=0.0, eval_precision="bf16", time_budget=None,
+    ),
+    # One GPU, a 20-minute wall-clock budget (launch to the end of training, compilation
+    # included; the final float32 test pass, samples and checkpoint come after it). Untested on
+    # a GPU so far: the values are reasoned, not tuned (see the CIFAR-10 guide).
+    "gpu-20min": dict(
+        preset="paper", mixtures=10, batch_size=64, lr=2e-3, lr_decay=1.0,
+        # ~15,000 steps of 64 fit 20 minutes at ~900 images/s; the cosine ends there, so an
+        # early stop by the budget leaves the rate low but not yet at its floor.
+        warmup_steps=300, lr_schedule="cosine", decay_steps=15_000, final_lr_fraction=0.05,
+        ema_decay=0.999, ema_warmup=True, steps=15_000, epochs=None, init_batch_size=100,
+        precision="bf16", channels_last=True, compile="regional", log_every=100,
+        eval_every=1500, checkpoint_every=0, sample_every=0, samples=16, eval_batch_size=500,
+        eval_precision="bf16", time_budget="20m",
     ),
 }
 # Settings that are neither in every recipe nor model hyperparameters of a preset.
 COMMON: dict[str, Any] = dict(
     backbone="pixelcnn++", head="dlm", nr_filters=None, nr_resnet=None, dropout=None,
     conditional=False, beta1=0.95, beta2=0.9995, grad_clip=None, seed=1, threads=None,
-    log_prob_backend=None,
+    log_prob_backend=None, compile_cache_dir=None,
 )
 PAPER_GLOBAL_BATCH = 128
 # Settings that a checkpoint's state (optimiser, scheduler, EMA, batch order) brings back.
 RESTORED_ON_RESUME = ("lr", "lr_decay", "warmup_steps", "beta1", "beta2", "ema_decay",
-                      "ema_warmup", "seed")
-# Settings a checkpoint of this script must hold (log_prob_backend came later: optional).
-REQUIRED_SETTINGS = sorted({*COMMON, *RECIPES["demo"], "recipe", "data"} - {"log_prob_backend"})
+                      "ema_warmup", "seed", "lr_schedule", "decay_steps", "final_lr_fraction")
+# Settings added after checkpoints of this script existed: optional in a checkpoint, and
+# their defaults when missing.
+LATER_SETTINGS: dict[str, Any] = dict(
+    log_prob_backend=None, compile_cache_dir=None, lr_schedule="exponential", decay_steps=0,
+    final_lr_fraction=0.0, eval_precision="fp32", time_budget=None,
+)
+# Settings a checkpoint of this script must hold.
+REQUIRED_SETTINGS = sorted({*COMMON, *RECIPES["demo"], "recipe", "data"} - set(LATER_SETTINGS))
 
 
 # The flag types of the settings that some recipe leaves None.
 _NONE_OR = {"data": str, "nr_filters": int, "nr_resnet": int, "dropout": float,
             "grad_clip": float, "threads": int, "log_prob_backend": str, "lr": float,
-            "steps": int, "epochs": int}
+            "steps": int, "epochs": int, "compile_cache_dir": str, "time_budget": str}
 
 
 def _setting_types() -> dict[str, set[type]]:
@@ -186,6 +217,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lr", type=float)
     g.add_argument("--lr-decay", type=float, help="learning-rate factor per step")
     g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--lr-schedule", choices=["exponential", "cosine"],
+                   help="exponential: lr * lr_decay**step (openai); cosine: warm-up, then a "
+                        "cosine down to lr * final_lr_fraction at --decay-steps")
+    g.add_argument("--decay-steps", type=int, help="warm-up + cosine length in steps")
+    g.add_argument("--final-lr-fraction", type=float)
     g.add_argument("--beta1", type=float)
     g.add_argument("--beta2", type=float)
     g.add_argument("--ema-decay", type=float, help="Polyak averaging decay")
@@ -200,7 +236,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                "PyTorch's default)")
     g.add_argument("--precision", choices=["fp32", "bf16"])
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--compile", nargs="?", const="full", choices=["full", "regional"],
+                   help="torch.compile the training step whole ('full', the default of a bare "
+                        "--compile) or each repeated block once ('regional': compiles in a "
+                        "fraction of the time)")
+    g.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    g.add_argument("--compile-cache-dir", metavar="DIR",
+                   help="keep Inductor's compiled code here, so that the next launch reuses it")
     g.add_argument("--log-prob-backend", choices=["eager", "lean", "triton"],
                    help="the head's log_prob implementation (default: the head's own "
                         "choice; 'triton' also inside --compile)")
@@ -209,13 +251,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         g.add_argument(f"--{name}", type=int, help="period in steps (0: only at the end)")
     g.add_argument("--samples", type=int, help="images per sample grid")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--eval-precision", choices=["fp32", "bf16", "tf32"],
+                   help="intermediate test passes: fp32, or bf16/tf32 for the backbone (checked "
+                        "against fp32 once; the final pass is always fp32)")
+    g.add_argument("--time-budget", metavar="TIME",
+                   help="stop training when this much wall time has passed since launch (e.g. "
+                        "90s, 20m, 1.5h; compilation included), then evaluate, sample and save")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar: one line per log")
     args = p.parse_args(argv)
     if args.download and args.data is None:
         p.error("--download needs --data DIR (where to put CIFAR-10)")
     if args.eval_only and args.resume:
         p.error("--eval-only and --resume exclude each other")
+    if args.time_budget is not None:
+        try:
+            parse_duration(args.time_budget)
+        except ValueError as exc:
+            p.error(f"--time-budget: {exc}")
     return args
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``"90"``, ``"90s"``, ``"20m"`` or ``"1.5h"`` (must be > 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"expected a duration such as 90s, 20m or 1.5h, got {text!r}")
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if not seconds > 0:
+        raise ValueError(f"the duration must be > 0, got {text!r}")
+    return seconds
 
 
 def resolve(args: argparse.Namespace, base: dict[str, Any] | None, cuda: bool, world: int) -> dict[str, Any]:
@@ -226,7 +290,7 @@ def resolve(args: argparse.Namespace, base: dict[str, Any] | None, cuda: bool, w
             "demo" if args.data is None else ("gpu" if cuda and world == 1 else "paper")
         )
         base = dict(COMMON, **RECIPES[recipe], recipe=recipe, data=args.data)
-    s = dict(base)
+    s = dict(LATER_SETTINGS, **base)
     for key in (*COMMON, *RECIPES["demo"], "data"):
         if key in flags:
             s[key] = flags[key]
@@ -235,7 +299,6 @@ def resolve(args: argparse.Namespace, base: dict[str, Any] | None, cuda: bool, w
     if s["lr"] is None:
         # Scale from the paper's global batch of 128 by sqrt (the usual rule for Adam).
         s["lr"] = 1e-3 * math.sqrt(s["batch_size"] * world / PAPER_GLOBAL_BATCH)
-    s.setdefault("log_prob_backend", None)
     return s
 
 
@@ -298,6 +361,17 @@ def build_model(s: dict[str, Any]) -> dl.AutoregressiveModel:
         if s.get("log_prob_backend") is not None and "log_prob_backend" in str(exc):
             raise ValueError(f"--log-prob-backend {s['log_prob_backend']!r}: {exc}") from exc
         raise
+
+
+def environment(dist: Any) -> dict[str, Any]:
+    """Where this session runs (for reports such as metrics_to_markdown.py; not a setting)."""
+    device = dist.device
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+                 "threads)")
+    return {"device": f"{name} x {dist.world_size}" if dist.world_size > 1 else name,
+            "device_type": device.type, "torch": torch.__version__,
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def steps_per_period(value: Any, steps_per_epoch: int) -> int:
@@ -402,8 +476,12 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
         warmup_steps=s["warmup_steps"], beta1=s["beta1"], beta2=s["beta2"],
         ema_decay=s["ema_decay"], ema_warmup=s["ema_warmup"], grad_clip=s["grad_clip"],
         precision=s["precision"], channels_last=s["channels_last"], compile=s["compile"],
-        conditional=s["conditional"], seed=s["seed"],
+        conditional=s["conditional"], seed=s["seed"], lr_schedule=s["lr_schedule"],
+        decay_steps=s["decay_steps"], final_lr_fraction=s["final_lr_fraction"],
+        eval_precision=s["eval_precision"],
     )
+    if s["compile"] and s["compile_cache_dir"]:
+        set_compile_cache_dir(s["compile_cache_dir"])
     trainer = Trainer(model, x_train, y_train, config, dist)
     metrics = MetricsLog(out / "metrics.jsonl", enabled=dist.is_main)
     if ckpt is not None:
@@ -416,9 +494,11 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
     elif dist.is_main and metrics.path.exists():
         metrics.path.unlink()  # a fresh run in an old directory starts a fresh log
     spe = trainer.batches.steps_per_epoch
+    budget = parse_duration(s["time_budget"]) if s["time_budget"] is not None else None
     steps = s["steps"] if s["steps"] is not None else s["epochs"] * spe
     if dist.is_main:
         (out / "settings.json").write_text(json.dumps(s, indent=2) + "\n")
+        (out / "environment.json").write_text(json.dumps(environment(dist), indent=2) + "\n")
         n_params = sum(p.numel() for p in model.parameters())
         print(f"recipe {s['recipe']}: build({spec['backbone']!r}, {spec['head']!r}, "
               f"preset={spec['preset']!r}, {spec['backbone_kwargs']}, {spec['head_kwargs']}) "
@@ -426,6 +506,8 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
         print(f"data: {what}")
         print(f"{steps} steps of {trainer.global_batch} images ({steps / spe:.1f} epochs), "
               f"lr {s['lr']:.3g}, {s['precision']}"
+              + (f", compile {s['compile']}" if s["compile"] else "")
+              + (f", time budget {s['time_budget']} from launch" if budget else "")
               + (f", resuming at step {trainer.step}" if ckpt else ""))
     extra = {"settings": s}  # the trainer adds model.build_spec as "model_spec"
     records = trainer.fit(
@@ -434,10 +516,16 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
         log_every=s["log_every"], metrics=metrics, checkpoint_path=out / "checkpoint.pt",
         checkpoint_every=steps_per_period(s["checkpoint_every"], spe), checkpoint_extra=extra,
         sample_dir=out if s["samples"] > 0 else None, sample_every=steps_per_period(s["sample_every"], spe),
-        num_samples=s["samples"], progress=not args.no_progress,
+        num_samples=s["samples"], progress=not args.no_progress, time_budget=budget,
+        start_time=LAUNCHED,
     )
     final = records[-1] if records else {}
     if dist.is_main:
+        if records and "first_step_s" in records[0]:
+            print(f"first step after {records[0]['first_step_s']:.1f} s (from launch)")
+        if trainer.stopped_by_budget:
+            print(f"time budget {s['time_budget']} spent: stopped at step {trainer.step} of "
+                  f"{steps}")
         if "test_bpd" in final:
             print(f"test bits/dim (EMA weights, float32, all {len(x_test)} test images of "
                   f"{'the bundled subset' if s['data'] is None else s['data']}): "

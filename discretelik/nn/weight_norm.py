@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-__all__ = ["apply_weight_norm", "data_dependent_init", "is_weight_normed"]
+__all__ = ["apply_weight_norm", "data_dependent_init", "is_weight_normed", "share_parametrized_classes"]
 
 _WeightNorm = getattr(parametrizations, "_WeightNorm", None)
 
@@ -79,6 +79,35 @@ def is_weight_normed(module: nn.Module) -> bool:
         return False
     plist = module.parametrizations.weight
     return len(plist) == 1 and _is_weight_norm(plist[0])
+
+
+def share_parametrized_classes(model: nn.Module) -> int:
+    """Give the weight-normed layers of one layer class one class object; returns how many moved.
+
+    ``torch.nn.utils.parametrize`` turns each parametrized module into an instance of a class
+    of its own (``ParametrizedConv2d``, created per module, holding the ``weight`` property).
+    ``torch.compile`` guards on a module's class, so a block compiled for one instance
+    recompiles for every other one: regional compilation would compile each PixelCNN++ layer
+    separately. The per-module classes differ only in identity (same base, same property
+    functions of the instance), so pointing every such module at the first one's class changes
+    nothing else. Do not call ``parametrize.remove_parametrizations`` on a module afterwards:
+    it deletes the property from the module's class, which is then shared.
+    """
+    shared: dict[tuple[type, tuple[str, ...]], type] = {}
+    moved = 0
+    for module in model.modules():
+        cls = type(module)
+        if not is_weight_normed(module) or len(cls.__bases__) != 1:
+            continue
+        if not cls.__name__.startswith("Parametrized"):  # pragma: no cover  (torch layout change)
+            continue
+        props = tuple(sorted(k for k, v in vars(cls).items() if isinstance(v, property)))
+        key = (cls.__bases__[0], props)
+        target = shared.setdefault(key, cls)
+        if target is not cls:
+            module.__class__ = target
+            moved += 1
+    return moved
 
 
 def _channel_dim(module: nn.Module, output: Tensor) -> int:

@@ -3,7 +3,8 @@
 The CIFAR-10 reference run (``examples/train_cifar10.py``) is a thin script over these. One
 module per job: ``batches`` (random index batches per rank), ``step`` (the loss module and one
 optimisation step), ``schedule`` (learning-rate decay), ``precision`` (autocast, true float32),
-``evaluation`` (bits/dim over a split), ``config`` and ``trainer`` (the trainer and its
+``evaluation`` (bits/dim over a split), ``compiling`` (whole or regional
+``torch.compile``), ``config`` and ``trainer`` (the trainer and its
 settings), ``ema``, ``checkpoint``, ``metrics``, ``images`` and ``distributed``.
 """
 
@@ -17,6 +18,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from .compiling import compile_regions, set_compile_cache_dir
 from .config import TrainConfig
 from .distributed import (
     DistInfo,
@@ -30,13 +32,19 @@ from .ema import EMA
 from .evaluation import evaluate_bpd
 from .images import encode_png, image_grid, save_image_grid, write_png
 from .metrics import MetricsLog, read_metrics
-from .precision import autocast_context, full_float32
-from .schedule import ExponentialDecay
+from .precision import (
+    EVAL_PRECISIONS,
+    autocast_context,
+    eval_precision_context,
+    full_float32,
+)
+from .schedule import ExponentialDecay, WarmupCosine
 from .step import LikelihoodLoss, train_step
 from .trainer import Trainer
 
 __all__ = [
     "EMA",
+    "EVAL_PRECISIONS",
     "DistInfo",
     "ExponentialDecay",
     "LikelihoodLoss",
@@ -44,6 +52,7 @@ __all__ = [
     "RandomBatches",
     "TrainConfig",
     "Trainer",
+    "WarmupCosine",
     "all_gather_objects",
     "all_reduce_sum",
     "autocast_context",
@@ -53,7 +62,9 @@ __all__ = [
     "checkpoint_digest",
     "checkpoint_step",
     "cleanup_distributed",
+    "compile_regions",
     "encode_png",
+    "eval_precision_context",
     "evaluate_bpd",
     "full_float32",
     "image_grid",
@@ -63,6 +74,7 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "save_image_grid",
+    "set_compile_cache_dir",
     "train_step",
     "write_png",
 ]

@@ -64,6 +64,8 @@ class RandomBatches:
         self.index = 0  # step within the epoch
         self._perm: Tensor | None = None
         self._perm_epoch = -1
+        self._device_perm: Tensor | None = None  # the epoch's permutation on a device
+        self._device_perm_epoch = -1
 
     def permutation(self, epoch: int) -> Tensor:
         """The permutation (int64 ``(N,)``, CPU) that epoch ``epoch`` walks through."""
@@ -73,10 +75,22 @@ class RandomBatches:
             self._perm_epoch = epoch
         return self._perm  # type: ignore[return-value]
 
-    def next(self) -> Tensor:
-        """Indices of this rank's next batch, int64 ``(batch_size,)`` on CPU."""
+    def next(self, device: torch.device | str | None = None) -> Tensor:
+        """Indices of this rank's next batch, int64 ``(batch_size,)``, on CPU or ``device``.
+
+        With a ``device`` the epoch's permutation is copied there once per epoch and the
+        batch is a slice of that copy: no host-to-device copy per step. Same indices.
+        """
         start = self.index * self.global_batch + self.rank * self.batch_size
-        idx = self.permutation(self.epoch)[start : start + self.batch_size]
+        perm = self.permutation(self.epoch)
+        if device is not None:
+            device = torch.device(device)
+            cached = self._device_perm
+            if cached is None or cached.device != device or self._device_perm_epoch != self.epoch:
+                self._device_perm = cached = perm.to(device)
+                self._device_perm_epoch = self.epoch
+            perm = cached
+        idx = perm[start : start + self.batch_size]
         self.index += 1
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0

@@ -1,4 +1,9 @@
-"""Bits/dim of a model over a whole split, in float32, sharded over DDP ranks."""
+"""Bits/dim of a model over a whole split, sharded over DDP ranks: float32, or a fast pass.
+
+The fast passes (``precision="bf16"`` or ``"tf32"``) run only the backbone and the head's
+projection in lower precision; the likelihood is float32 in every mode (see
+[`AutoregressiveModel.log_prob`][discretelik.AutoregressiveModel.log_prob]).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from .._checks import check_int
 from ..model import AutoregressiveModel
 from ._inputs import check_images, check_labels, check_levels_for_model
 from .distributed import DistInfo, all_reduce_sum
-from .precision import full_float32
+from .precision import EVAL_PRECISIONS, eval_precision_context
 
 __all__ = ["evaluate_bpd"]
 
@@ -25,11 +30,12 @@ def evaluate_bpd(
     batch_size: int = 250,
     device: torch.device | str | None = None,
     dist: DistInfo | None = None,
+    precision: str = "fp32",
 ) -> float:
-    """Mean bits/dim of ``model`` over every image of a split, in float32, without grad.
+    """Mean bits/dim of ``model`` over every image of a split, without grad.
 
-    The model is put in eval mode (dropout off) and restored afterwards; autocast and TF32 are
-    off. Under DDP each rank evaluates a contiguous shard and the sums are all-reduced, so
+    The model is put in eval mode (dropout off) and restored afterwards. With the default
+    ``precision="fp32"`` autocast and TF32 are off (the figure to report). Under DDP each rank evaluates a contiguous shard and the sums are all-reduced, so
     every rank returns the same value over the whole split.
 
     Args:
@@ -40,6 +46,10 @@ def evaluate_bpd(
         batch_size: Images per forward pass.
         device: Where to run (default: the model's device).
         dist: This process's [`DistInfo`][discretelik.train.DistInfo] (default single process).
+        precision: ``"fp32"`` (true float32), ``"tf32"`` (TF32 matmuls and convolutions on
+            CUDA; the same as ``"fp32"`` on CPU) or ``"bf16"`` (backbone under bf16
+            autocast). The likelihood is float32 in all three; check a fast pass against
+            ``"fp32"`` before trusting it (the trainer does, once per run).
 
     Returns:
         The mean over all ``N`` images of each image's bits per sub-pixel (equal to the
@@ -47,9 +57,12 @@ def evaluate_bpd(
 
     Raises:
         TypeError: ``images``/``labels`` of the wrong type or dtype.
-        ValueError: No images, wrong shapes or channels, or levels outside
-            ``[0, model.bins - 1]`` (checked before the first batch).
+        ValueError: No images, wrong shapes or channels, levels outside
+            ``[0, model.bins - 1]`` (checked before the first batch), or an unknown
+            ``precision``.
     """
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"precision must be one of {list(EVAL_PRECISIONS)}, got {precision!r}")
     check_images(images, "images")
     n = images.shape[0]
     if n == 0:
@@ -74,11 +87,12 @@ def evaluate_bpd(
     was_training = model.training
     model.eval()
     try:
-        with full_float32():
+        with eval_precision_context(device, precision):
             for start in range(lo, hi, batch_size):
                 x = images[start : min(hi, start + batch_size)].to(device, non_blocking=True)
                 cond = None if labels is None else labels[start : start + x.shape[0]].to(device)
-                bpd = model.bits_per_dim(x, cond)
+                # The levels were checked above, once: no per-batch read of the images.
+                bpd = model.bits_per_dim(x, cond, validate_args=False)
                 total[0] += bpd.double().sum()
                 total[1] += bpd.shape[0]
     finally:

@@ -1,10 +1,16 @@
-"""The PixelCNN++ learning-rate schedule: exponential decay per step, optional linear warm-up."""
+"""Learning-rate schedules: PixelCNN++'s exponential decay, and warm-up + cosine for budgets.
+
+Both are callable objects (not lambdas) for ``torch.optim.lr_scheduler.LambdaLR``, so that
+``LambdaLR.state_dict()`` stores their settings and a resumed run continues exactly.
+"""
 
 from __future__ import annotations
 
+import math
+
 from .._checks import check_int
 
-__all__ = ["ExponentialDecay"]
+__all__ = ["ExponentialDecay", "WarmupCosine"]
 
 
 class ExponentialDecay:
@@ -36,3 +42,40 @@ class ExponentialDecay:
         if self.warmup_steps:
             factor *= min(1.0, (step + 1) / self.warmup_steps)
         return factor
+
+
+class WarmupCosine:
+    """Linear warm-up to the peak rate, then a cosine decay to ``final`` times the peak.
+
+    ``factor(step)`` is ``(step + 1) / warmup_steps`` during the warm-up, then
+    ``final + (1 - final) * (1 + cos(pi * t)) / 2`` with ``t`` going from 0 to 1 over the
+    remaining ``total_steps - warmup_steps`` steps, and ``final`` after ``total_steps``. For a
+    run with a fixed budget: the rate is high while the model is far from a minimum and low at
+    the end, where the averaged weights are evaluated.
+
+    Args:
+        total_steps: Steps of warm-up plus decay (``>= 1``).
+        warmup_steps: Linear warm-up length in steps, ``< total_steps`` (0: none).
+        final: Factor at and after ``total_steps``, in ``[0, 1]``.
+
+    Raises:
+        TypeError: A step count is not an int.
+        ValueError: Counts out of range or ``final`` outside ``[0, 1]``.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, final: float = 0.0) -> None:
+        check_int(total_steps, "total_steps", 1)
+        check_int(warmup_steps, "warmup_steps", 0)
+        if warmup_steps >= total_steps:
+            raise ValueError(
+                f"warmup_steps must be < total_steps={total_steps}, got {warmup_steps}"
+            )
+        if not 0.0 <= float(final) <= 1.0:
+            raise ValueError(f"final must lie in [0, 1], got {final!r}")
+        self.total_steps, self.warmup_steps, self.final = total_steps, warmup_steps, float(final)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        t = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * t))

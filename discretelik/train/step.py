@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -25,10 +24,13 @@ __all__ = ["LikelihoodLoss", "train_step"]
 class LikelihoodLoss(nn.Module):
     """Per-image bits/dim of integer images: the module that DDP wraps and compile compiles.
 
-    The backbone and the head's projection run under whatever autocast the caller opened;
-    the distribution and its log-likelihood run with autocast disabled, on float32 parameters.
-    The image is not range-checked here (that would synchronise with the GPU every step):
-    uint8 data with ``bins=256`` cannot be out of range; other data should be checked once.
+    A thin wrapper of the model's own
+    [`bits_per_dim`][discretelik.AutoregressiveModel.bits_per_dim] (one loss path for
+    training, evaluation and users): the backbone and the head's projection run under
+    whatever autocast the caller opened, the distribution and its log-likelihood with autocast
+    off on float32 parameters. Nothing is value-checked here (``validate_args=False``: a check
+    would synchronise with the GPU every step and break compiled graphs): uint8 data with
+    ``bins=256`` cannot be out of range; other data should be checked once, as the trainer does.
 
     Args:
         model: The [`AutoregressiveModel`][discretelik.AutoregressiveModel].
@@ -45,15 +47,7 @@ class LikelihoodLoss(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, cond: Any = None) -> Tensor:
-        model = self.model
-        params = model.head.params(model.backbone(model.scale(x), cond))
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            # validate_args=False: the checks would synchronise (and break compiled graphs).
-            dist = model.head.distribution(params.float(), validate_args=False)
-            log_prob = dist.log_prob(x)
-        # Same as discretelik.bits_per_dim, written with numel() because its generator
-        # expression over the shape breaks torch.compile's graph.
-        return log_prob / (-math.log(2.0) * x[0].numel())
+        return self.model.bits_per_dim(x, cond, validate_args=False)
 
 
 def train_step(

@@ -32,6 +32,7 @@ from .checkpoint import (
     save_checkpoint,
     state_dict_mismatch,
 )
+from .compiling import compile_regions
 from .config import TrainConfig
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
 from .ema import EMA
@@ -39,10 +40,13 @@ from .evaluation import evaluate_bpd
 from .images import save_image_grid
 from .metrics import MetricsLog
 from .precision import AUTOCAST_DTYPES
-from .schedule import ExponentialDecay
+from .schedule import ExponentialDecay, WarmupCosine
 from .step import LikelihoodLoss, train_step
 
-__all__ = ["Trainer"]
+__all__ = ["FAST_EVAL_TOLERANCE", "Trainer"]
+
+# Largest |fast - float32| test bits/dim for which the fast evaluation pass is trusted.
+FAST_EVAL_TOLERANCE = 1e-3
 
 
 class Trainer:
@@ -133,17 +137,25 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # DDP broadcasts rank 0's parameters here, so every rank starts identical.
             train_module = DistributedDataParallel(self.loss_module, device_ids=device_ids)
-        if config.compile:
+        if config.compile_mode == "full":
             train_module = torch.compile(train_module)
+        elif config.compile_mode == "regional":
+            compile_regions(model)  # in place: training and evaluation run the compiled blocks
         self.train_module = train_module
 
-        fused = self.device.type == "cuda"  # one kernel for the whole Adam update on GPU
+        # One fused kernel for the whole Adam update on a GPU; on CPU the multi-tensor
+        # (foreach) update, which PyTorch picks only for CUDA by default.
+        cuda = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), fused=fused
+            model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+            fused=cuda or None, foreach=None if cuda else True,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, ExponentialDecay(config.lr_decay, config.warmup_steps)
-        )
+        schedule: Callable[[int], float]
+        if config.lr_schedule == "cosine":
+            schedule = WarmupCosine(config.decay_steps, config.warmup_steps, config.final_lr_fraction)
+        else:
+            schedule = ExponentialDecay(config.lr_decay, config.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.ema = EMA(model, config.ema_decay, warmup=config.ema_warmup)
         self.batches = RandomBatches(
             images.shape[0],
@@ -168,6 +180,11 @@ class Trainer:
         # Under DDP the check is collective, so it waits for the records too.
         self._check_every_step = self.device.type == "cpu" and not self.dist.distributed
         self.last_checkpoint: str | None = None  # "path (step N)" of the last good one
+        # The fast evaluation pass (config.eval_precision) is checked against float32 once per
+        # session, at the first evaluation; None until then, then whether it agreed.
+        self.fast_eval_agrees: bool | None = None
+        # Whether the last fit() stopped because its time budget was spent.
+        self.stopped_by_budget = False
 
     # -- steps -------------------------------------------------------------------------------
     @property
@@ -186,7 +203,7 @@ class Trainer:
 
     def next_batch(self) -> tuple[Tensor, Tensor | None]:
         """This rank's next ``(images, labels-or-None)``, on the device."""
-        idx = self.batches.next().to(self.device, non_blocking=True)
+        idx = self.batches.next(self.device)  # a slice of the epoch's permutation there
         x = self.images[idx].contiguous(memory_format=self.memory_format)
         return x, (self.labels[idx] if self.labels is not None else None)
 
@@ -209,15 +226,22 @@ class Trainer:
 
     # -- evaluation and samples --------------------------------------------------------------
     def evaluate(
-        self, images: Tensor, labels: Tensor | None = None, batch_size: int = 250, use_ema: bool = True
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        batch_size: int = 250,
+        use_ema: bool = True,
+        precision: str = "fp32",
     ) -> float:
-        """Test bits/dim over all of ``images`` in float32, with the Polyak-averaged weights.
+        """Test bits/dim over all of ``images``, with the Polyak-averaged weights.
 
         Args:
             images: uint8 ``(N, C, H, W)``.
             labels: int64 ``(N,)``; used only when the trainer is conditional.
             batch_size: Images per forward pass.
             use_ema: Evaluate the averaged weights (default) or the raw training weights.
+            precision: ``"fp32"`` (true float32, the figure to report), ``"bf16"`` or
+                ``"tf32"`` (fast passes, see [`evaluate_bpd`][discretelik.train.evaluate_bpd]).
 
         Returns:
             Mean bits per sub-pixel over the whole split (identical on every rank).
@@ -226,8 +250,52 @@ class Trainer:
         ctx = self.ema.average_parameters() if use_ema else contextlib.nullcontext()
         with ctx:
             return evaluate_bpd(
-                self.model, images, cond, batch_size=batch_size, device=self.device, dist=self.dist
+                self.model, images, cond, batch_size=batch_size, device=self.device,
+                dist=self.dist, precision=precision,
             )
+
+    def _timed_evaluate(self, images: Tensor, labels: Tensor | None, batch_size: int,
+                        precision: str) -> tuple[float, float]:
+        """``(bits/dim, seconds)`` of one evaluation pass (finished on the device)."""
+        start = time.perf_counter()
+        bpd = self.evaluate(images, labels, batch_size=batch_size, precision=precision)
+        # evaluate_bpd returns a Python float, so the device has finished by now.
+        return bpd, time.perf_counter() - start
+
+    def _test_record(
+        self, images: Tensor, labels: Tensor | None, batch_size: int, final: bool,
+        say: Callable[[str], None],
+    ) -> dict[str, Any]:
+        """The test entries of a record: float32, or the fast pass once it has been checked.
+
+        ``test_bpd`` is always the figure of the pass named by ``test_precision``. The first
+        evaluation with a fast ``eval_precision`` runs both passes and records
+        ``test_bpd_fast``, ``test_bpd_fast_diff`` (fast minus float32) and both times; a
+        difference above 1e-3 bits/dim is warned about and the fast pass is not used again.
+        """
+        fast = self.config.eval_precision
+        if fast == "fp32" or self.fast_eval_agrees is False or (final and self.fast_eval_agrees):
+            bpd, seconds = self._timed_evaluate(images, labels, batch_size, "fp32")
+            return {"test_bpd": bpd, "test_precision": "fp32", "test_s": seconds}
+        if self.fast_eval_agrees:
+            bpd, seconds = self._timed_evaluate(images, labels, batch_size, fast)
+            return {"test_bpd": bpd, "test_precision": fast, "test_s": seconds}
+        bpd, seconds = self._timed_evaluate(images, labels, batch_size, "fp32")
+        quick, quick_seconds = self._timed_evaluate(images, labels, batch_size, fast)
+        diff = quick - bpd
+        self.fast_eval_agrees = abs(diff) <= FAST_EVAL_TOLERANCE
+        if not self.fast_eval_agrees:
+            message = (
+                f"the {fast} evaluation gives {quick:.5f} bits/dim, float32 {bpd:.5f}: they differ "
+                f"by {diff:+.2e} > {FAST_EVAL_TOLERANCE:g}; every later evaluation runs in float32"
+            )
+            warnings.warn(message, stacklevel=3)
+            if self.dist.is_main:
+                say(f"WARNING: {message}")
+        return {
+            "test_bpd": bpd, "test_precision": "fp32", "test_s": seconds,
+            "test_bpd_fast": quick, "test_bpd_fast_diff": diff, "test_fast_s": quick_seconds,
+        }
 
     def sample(self, n: int, seed: int = 0, use_ema: bool = True) -> Tensor:
         """Draw ``n`` images with the averaged weights, without touching the training RNG.
@@ -428,6 +496,8 @@ class Trainer:
         num_samples: int = 16,
         progress: bool = True,
         log_fn: Callable[[str], None] = print,
+        time_budget: float | None = None,
+        start_time: float | None = None,
     ) -> list[dict[str, Any]]:
         """Train until ``self.step == steps``, logging, evaluating, sampling and checkpointing.
 
@@ -438,6 +508,14 @@ class Trainer:
         grids ``samples_step{N}.png`` go to ``sample_dir`` at multiples of ``sample_every``.
         The checkpoint at ``checkpoint_path`` is rewritten at multiples of ``checkpoint_every``
         and at the last step, after that step's evaluation and samples.
+
+        With ``time_budget``, training stops at the first step boundary at which that many
+        seconds have passed since ``start_time``; that step is then treated as the last one
+        (evaluated, sampled, checkpointed, recorded with ``time_budget_s``), and
+        ``stopped_by_budget`` is set. The check reads the host clock only (no device
+        synchronisation); under DDP it is made at record steps, collectively. The first record
+        of the call carries ``first_step_s``: seconds from ``start_time`` to the end of the
+        first step (the device synchronised once for it), compilation included.
 
         Args:
             steps: Total step count to reach (a resumed trainer continues from ``self.step``).
@@ -455,6 +533,11 @@ class Trainer:
             num_samples: Images per grid.
             progress: Show a tqdm progress bar on rank 0 (if tqdm is installed).
             log_fn: Where one-line summaries go (rank 0) when there is no progress bar.
+            time_budget: Seconds of wall time after ``start_time`` at which training stops
+                (``None``: no budget). Evaluation, samples and the checkpoint of the last
+                step come after it.
+            start_time: A ``time.perf_counter()`` value the budget and ``first_step_s`` count
+                from, e.g. taken at launch (default: when this trainer was constructed).
 
         Before the first step: the test images are checked (dtype, shape, channels, levels
         within ``[0, model.bins - 1]``, at least one image), and stale temporary files of an
@@ -473,6 +556,12 @@ class Trainer:
         """
         check_int(steps, "steps", 0)
         check_int(log_every, "log_every", 1)
+        if time_budget is not None and (isinstance(time_budget, bool) or not time_budget > 0):
+            raise ValueError(f"time_budget must be a number of seconds > 0 or None, got {time_budget!r}")
+        start = self._session_start if start_time is None else float(start_time)
+        deadline = None if time_budget is None else start + float(time_budget)
+        self.stopped_by_budget = False
+        first_step_s: float | None = None
         for name, period in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every),
                              ("sample_every", sample_every)):
             check_int(period, name, 0)
@@ -500,6 +589,10 @@ class Trainer:
             while self.step < steps:
                 lr = self.lr
                 loss = self.train_step()
+                if first_step_s is None:
+                    if self.device.type == "cuda":  # once: the step has really finished
+                        torch.cuda.synchronize(self.device)
+                    first_step_s = time.perf_counter() - start
                 self._window_loss += loss
                 self._window_steps += 1
                 self._window_losses.append(loss)
@@ -507,6 +600,10 @@ class Trainer:
                     self._check_losses()
                 if bar is not None:
                     bar.update(1)
+                if deadline is not None and self._budget_spent(deadline, log_every):
+                    # This step becomes the last: evaluate, sample, checkpoint and record it.
+                    steps = self.step
+                    self.stopped_by_budget = True
                 # The same decision on every rank (samples are rank 0's, but the divergence
                 # check below is collective under DDP).
                 if not (
@@ -539,22 +636,28 @@ class Trainer:
                     self._window_steps = 0
                     self._window_seconds = 0.0
                 if test_images is not None and due(eval_every):
-                    record["test_bpd"] = self.evaluate(
-                        test_images, test_labels, batch_size=eval_batch_size
+                    record.update(
+                        self._test_record(
+                            test_images, test_labels, eval_batch_size, self.step == steps, say
+                        )
                     )
                 if sample_dir is not None and due(sample_every) and main:
                     path = self.save_samples(
                         Path(sample_dir) / f"samples_step{self.step}.png", n=num_samples
                     )
                     record["samples"] = str(path)
+                if self.stopped_by_budget and self.step == steps:
+                    record["time_budget_s"] = float(time_budget)  # type: ignore[arg-type]
                 if len(record) > 1:
+                    if not records:  # the first record of this call
+                        record["first_step_s"] = first_step_s
                     record["wall_s"] = self.wall_time()
                     if metrics is not None:
                         record = metrics.write(**record)
                     records.append(record)
                     if bar is not None and "train_bpd" in record:
                         bar.set_postfix(bpd=f"{record['train_bpd']:.4f}", lr=f"{lr:.2e}")
-                    if main and ("test_bpd" in record or bar is None):  # one copy, not N
+                    if main and ("test_bpd" in record or "first_step_s" in record or bar is None):
                         say(_summary(record))
                 if checkpoint_path is not None and due(checkpoint_every):
                     self.save(checkpoint_path, extra=checkpoint_extra)
@@ -563,6 +666,16 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return records
+
+    def _budget_spent(self, deadline: float, log_every: int) -> bool:
+        """Whether the wall-clock budget is spent (the same answer on every rank)."""
+        if not self.dist.distributed:
+            return time.perf_counter() >= deadline
+        if self.step % log_every:  # ranks decide together, at the records' collectives
+            return False
+        over = torch.tensor(float(time.perf_counter() >= deadline), device=self.device)
+        all_reduce_sum(over)
+        return bool(over > 0)
 
     def _check_test_data(self, images: Tensor, labels: Tensor | None) -> None:
         check_images(images, "test_images")
@@ -604,6 +717,8 @@ def _canonical_parameter_strides(model: nn.Module) -> None:
 
 def _summary(record: Mapping[str, Any]) -> str:
     parts = [f"step {record['step']}"]
+    if record.get("first_step_s") is not None:
+        parts.append(f"first step after {record['first_step_s']:.1f} s")
     for key, fmt in (("train_bpd", "train {:.4f} bits/dim"), ("test_bpd", "test {:.4f} bits/dim"),
                      ("images_per_s", "{:.1f} images/s"), ("lr", "lr {:.3g}")):
         if record.get(key) is not None:
