@@ -398,8 +398,16 @@ def eval_only(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
     model = dl.AutoregressiveModel.from_checkpoint(
         path, weights="ema", map_location=dist.device, head_kwargs=runtime_head_kwargs(s)
     )
-    bpd = evaluate_bpd(model, x_test, y_test if s["conditional"] else None,
-                       batch_size=s["eval_batch_size"], dist=dist)
+    labels = y_test if s["conditional"] else None
+    start = time.perf_counter()
+    bpd = evaluate_bpd(model, x_test, labels, batch_size=s["eval_batch_size"], dist=dist)
+    seconds = time.perf_counter() - start
+    fast = None
+    if s["eval_precision"] != "fp32":  # the fast pass too, with its time and its difference
+        start = time.perf_counter()
+        fast = evaluate_bpd(model, x_test, labels, batch_size=s["eval_batch_size"], dist=dist,
+                            precision=s["eval_precision"])
+        fast_seconds = time.perf_counter() - start
     png = None
     n = s["samples"]
     if dist.is_main and n > 0:
@@ -409,10 +417,17 @@ def eval_only(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
                               model.sample(n, (3, 32, 32), cond=cond, generator=gen))
     if dist.is_main:
         print(f"checkpoint {path} (step {step}), {what}")
-        print(f"test bits/dim (EMA weights, float32, all {len(x_test)} test images): {bpd:.4f}")
+        print(f"test bits/dim (EMA weights, float32, all {len(x_test)} test images): {bpd:.4f} "
+              f"in {seconds:.1f} s")
+        if fast is not None:
+            print(f"test bits/dim ({s['eval_precision']} pass): {fast:.4f} in {fast_seconds:.1f} s, "
+                  f"difference {fast - bpd:+.2e} bits/dim")
         if png is not None:
             print(f"samples (EMA weights): {png}")
-    return {"test_bpd": bpd, "samples": png and str(png), "step": step}
+    result = {"test_bpd": bpd, "samples": png and str(png), "step": step, "test_s": seconds}
+    if fast is not None:
+        result.update(test_bpd_fast=fast, test_fast_s=fast_seconds)
+    return result
 
 
 def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:

@@ -179,6 +179,7 @@ def test_train_step_markdown(tmp_path: Path) -> None:
     assert [r[0] for r in md_rows(text)] == ["eager fp32", "bf16 autocast",
                                              "bf16 autocast + triton DLM",
                                              "bf16 + channels_last + compile",
+                                             "bf16 + channels_last + regional compile",
                                              "bf16 + channels_last + compile + triton DLM"]
     assert "- loss (bits/dim) of the last timed step: eager fp32 " in text
 

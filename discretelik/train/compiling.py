@@ -46,7 +46,8 @@ def compile_regions(
             with ``blocks=None`` the backbone's repeated block (``GatedResNet`` for
             ``"pixelcnn++"``, or the classes of its ``repeated_blocks`` attribute) is used.
         blocks: Block classes to compile.
-        **compile_kwargs: Passed to ``torch.compile`` (e.g. ``backend``, ``mode``).
+        **compile_kwargs: Passed to ``torch.compile`` (e.g. ``backend``, ``mode``);
+            ``dynamic`` defaults to ``False``.
 
     Returns:
         The number of block instances compiled.
@@ -72,6 +73,10 @@ def compile_regions(
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), _RECOMPILE_LIMIT))
     # Else every weight-normed layer has a class of its own and each block recompiles.
     share_parametrized_classes(model)
+    # Static shapes: a few more graphs (one per block kind and resolution) than with the
+    # automatic dynamic shapes the recompiles would switch on, but each specialised (better
+    # kernels), and no recompiles back and forth between the 1F and 2F short-cuts.
+    compile_kwargs.setdefault("dynamic", False)
     for module in found:
         module.compile(**compile_kwargs)
     return len(found)

@@ -12,6 +12,12 @@ fp32 measured in the same invocation.
   the interpreter and libraries). ``torch.compile`` is skipped on CPU unless ``--cpu-compile``
   is given (its C++ build takes minutes on a small CPU), and the table says so.
 
+"first step" is the wall time from launching the mode's process to the end of its first
+training step (interpreter start, imports, model build and compilation included). The
+compiled modes compile the whole step ("compile") or each gated residual block once
+("regional compile", see ``discretelik.train.compile_regions``). Adam is fused on CUDA and
+multi-tensor (foreach) on CPU, as in the trainer.
+
 The DLM log-likelihood runs on the head's default path (on CUDA its eager graph, fused by the
 compiler under ``torch.compile``) except in the two "triton DLM" modes, CUDA only, which set
 ``log_prob_backend = "triton"``: the Triton kernels, also inside the compiled step.
@@ -39,20 +45,21 @@ import torch
 
 import discretelik as dl
 from discretelik.data import load_bundled
-from discretelik.train import EMA, ExponentialDecay, LikelihoodLoss, train_step
+from discretelik.train import EMA, ExponentialDecay, LikelihoodLoss, compile_regions, train_step
 
 from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
-# name -> (precision, channels_last, compile, DLM log_prob_backend). The rows without
-# "triton DLM" pin the head's eager graph (fused by the compiler under compile), so that they
-# measure the same thing on every device; the "triton DLM" modes ask for the Triton kernels
-# (the head's "auto" choice on a CUDA GPU with Triton).
+# name -> (precision, channels_last, compile: False / "full" / "regional", DLM log_prob_backend).
+# The rows without "triton DLM" pin the head's eager graph (fused by the compiler under
+# compile), so that they measure the same thing on every device; the "triton DLM" modes ask for
+# the Triton kernels (the head's "auto" choice on a CUDA GPU with Triton).
 MODES = {
     "eager fp32": ("fp32", False, False, "eager"),
     "bf16 autocast": ("bf16", False, False, "eager"),
     "bf16 autocast + triton DLM": ("bf16", False, False, "triton"),
-    "bf16 + channels_last + compile": ("bf16", True, True, "eager"),
-    "bf16 + channels_last + compile + triton DLM": ("bf16", True, True, "triton"),
+    "bf16 + channels_last + compile": ("bf16", True, "full", "eager"),
+    "bf16 + channels_last + regional compile": ("bf16", True, "regional", "eager"),
+    "bf16 + channels_last + compile + triton DLM": ("bf16", True, "full", "triton"),
 }
 
 
@@ -70,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
     p.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
+    p.add_argument("--launched-at", type=float, help=argparse.SUPPRESS)  # parent's time.time()
     args = p.parse_args(argv)
     for name in ("repeats", "steps", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -95,10 +103,13 @@ def run_mode(args: argparse.Namespace) -> dict[str, float]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     loss_fn: torch.nn.Module = LikelihoodLoss(model)
-    if compile_:
+    if compile_ == "full":
         loss_fn = torch.compile(loss_fn)
+    elif compile_ == "regional":
+        compile_regions(model)
+    cuda = device.type == "cuda"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995),
-                           fused=device.type == "cuda")
+                           fused=cuda or None, foreach=None if cuda else True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ExponentialDecay(0.999995))
     ema = EMA(model, 0.9995)
     images = load_bundled("cifar10", "train")[0].to(device)
@@ -110,7 +121,11 @@ def run_mode(args: argparse.Namespace) -> dict[str, float]:
         x = images[idx].contiguous(memory_format=fmt)
         return train_step(loss_fn, opt, x, scheduler=sched, ema=ema, autocast_dtype=dtype)
 
-    for _ in range(args.warmup):
+    first_step_s = None
+    if args.warmup:
+        step().item()  # waits for the first step
+        first_step_s = time.time() - args.launched_at if args.launched_at else None
+    for _ in range(args.warmup - 1):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -131,7 +146,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, float]:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = rss if sys.platform == "darwin" else rss * 1024
     return {"images_per_s": args.steps * args.batch_size / seconds, "peak_bytes": peak,
-            "loss": float(loss)}
+            "loss": float(loss), "first_step_s": first_step_s}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
@@ -155,6 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                "--warmup", str(args.warmup),
                "--repeats", str(args.repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+        cmd += ["--launched-at", repr(time.time())]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -175,16 +191,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     cells = []
     for r in rows:
         if "images_per_s" not in r:
-            cells.append([r["mode"], "-", "-", r["note"]])
+            cells.append([r["mode"], "-", "-", r["note"], "-"])
             continue
         ratio = f"{r['images_per_s'] / base:.2f}x" if base else "-"
+        first = f"{r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else "-"
         cells.append([r["mode"], f"{r['images_per_s']:.1f}", f"{r['peak_bytes'] / 2**30:.2f} GiB",
-                      ratio])
-    table = markdown_table(["mode", "images/s", memory, "speed vs eager fp32"], cells, "lrrr")
+                      ratio, first])
+    table = markdown_table(["mode", "images/s", memory, "speed vs eager fp32",
+                            "first step after"], cells, "lrrrr")
     print(table)
     if args.markdown:
         notes = [f"images/s: {args.steps} x {args.batch_size} images over the median wall time "
                  f"of {args.repeats} windows of {args.steps} consecutive steps"]
+        notes.append("first step after: wall time from launching the mode's process to the end "
+                     "of its first training step (imports, build and compilation included)")
         if not cuda:
             notes.append("peak process RSS includes the interpreter and libraries")
         losses = [f"{r['mode']} {r['loss']:.3f}" for r in rows if "loss" in r]
