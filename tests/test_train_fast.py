@@ -273,15 +273,15 @@ def test_regional_compile_compiles_each_gated_resnet_and_keeps_the_function() ->
 
 
 # -- step costs ----------------------------------------------------------------------------------
-def test_cpu_adam_is_foreach_and_matches_the_for_loop() -> None:
+def test_cpu_adam_is_fused_and_matches_the_for_loop() -> None:
     trainer = Trainer(tiny(), torch.zeros(8, 3, 8, 8, dtype=torch.uint8),
                       config=TrainConfig(batch_size=4))
-    assert trainer.optimizer.defaults["foreach"] is True
+    assert trainer.optimizer.defaults["fused"] is True
     models = [tiny(), tiny()]
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    for model, foreach in zip(models, (False, True)):
+    for model, fused in zip(models, (None, True)):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.95, 0.9995),
-                               foreach=foreach)
+                               foreach=False if fused is None else None, fused=fused)
         for _ in range(3):
             train_step(LikelihoodLoss(model), opt, x)
     for a, b in zip(models[0].parameters(), models[1].parameters()):

@@ -44,7 +44,6 @@ from .trainer import Trainer
 
 __all__ = [
     "EMA",
-    "EVAL_PRECISIONS",
     "DistInfo",
     "ExponentialDecay",
     "LikelihoodLoss",

@@ -7,8 +7,8 @@ parameters are graph inputs, so every instance of one block class with the same 
 input shapes reuses one compiled graph: the PixelCNN++ paper model has 39 gated residual
 layers but only a handful of distinct (stream, short-cut, resolution) variants. Weight-normed
 layers first get one shared class per layer type
-([`share_parametrized_classes`][discretelik.nn.weight_norm.share_parametrized_classes]):
-``torch.nn.utils.parametrize`` gives each its own, and compile guards on it.
+(``discretelik.nn.weight_norm.share_parametrized_classes``): ``torch.nn.utils.parametrize``
+gives each its own, and compile guards on it.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ fp32 measured in the same invocation.
 "first step" is the wall time from launching the mode's process to the end of its first
 training step (interpreter start, imports, model build and compilation included). The
 compiled modes compile the whole step ("compile") or each gated residual block once
-("regional compile", see ``discretelik.train.compile_regions``). Adam is fused on CUDA and
-multi-tensor (foreach) on CPU, as in the trainer.
+("regional compile", see ``discretelik.train.compile_regions``). Adam is fused (on CUDA and
+CPU), as in the trainer.
 
 The DLM log-likelihood runs on the head's default path (on CUDA its eager graph, fused by the
 compiler under ``torch.compile``) except in the two "triton DLM" modes, CUDA only, which set
@@ -107,9 +107,7 @@ def run_mode(args: argparse.Namespace) -> dict[str, float]:
         loss_fn = torch.compile(loss_fn)
     elif compile_ == "regional":
         compile_regions(model)
-    cuda = device.type == "cuda"
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995),
-                           fused=cuda or None, foreach=None if cuda else True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.95, 0.9995), fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, ExponentialDecay(0.999995))
     ema = EMA(model, 0.9995)
     images = load_bundled("cifar10", "train")[0].to(device)
