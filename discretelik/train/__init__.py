@@ -32,12 +32,7 @@ from .ema import EMA
 from .evaluation import evaluate_bpd
 from .images import encode_png, image_grid, save_image_grid, write_png
 from .metrics import MetricsLog, read_metrics
-from .precision import (
-    EVAL_PRECISIONS,
-    autocast_context,
-    eval_precision_context,
-    full_float32,
-)
+from .precision import autocast_context, eval_precision_context, full_float32
 from .schedule import ExponentialDecay, WarmupCosine
 from .step import LikelihoodLoss, train_step
 from .trainer import Trainer

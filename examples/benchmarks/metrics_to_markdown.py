@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from _report import Run, markdown_table, write_markdown  # this folder, sys.path[0]
 
 COLUMNS = ["step", "wall clock", "test bits/dim", "test pass", "test pass s", "train bits/dim",
