@@ -308,3 +308,17 @@ def test_no_value_check_reads_the_batch_in_a_training_step(monkeypatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainer.train_step()
+
+
+def test_benchmark_modes_subset() -> None:
+    bench = ROOT / "examples" / "benchmarks" / "train_step.py"
+    cmd = [sys.executable, str(bench), "--device", "cpu", "--steps", "1", "--warmup", "1",
+           "--repeats", "1", "--batch-size", "2", "--threads", "1"]
+    proc = subprocess.run([*cmd, "--modes", "bf16 autocast"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows[2:] == ["| eager fp32", "| bf16 autocast"]  # the baseline always runs
+    bad = subprocess.run([*cmd, "--modes", "bf16"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert bad.returncode == 2 and "--modes: unknown ['bf16']" in bad.stderr

@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3,
                    help="timed windows of --steps steps; images/s is their median (default: 3)")
     p.add_argument("--cpu-compile", action="store_true", help="also compile on CPU")
+    p.add_argument("--modes", help="comma-separated subset of the modes to run, e.g. "
+                                   "'eager fp32,bf16 + channels_last + regional compile' "
+                                   "(default: all; eager fp32 is always run, as the baseline)")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's)")
     p.add_argument("--markdown", metavar="PATH", help="also write the results as Markdown here")
     p.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
@@ -82,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("repeats", "steps", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.modes is not None:
+        wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in MODES]
+        if unknown or not wanted:
+            p.error(f"--modes: unknown {unknown or args.modes!r}; the modes are {list(MODES)}")
+        args.modes = ["eager fp32", *(m for m in wanted if m != "eager fp32")]
     cuda = torch.device(args.device).type == "cuda"
     args.preset = args.preset or ("paper" if cuda else "tiny")
     args.mixtures = args.mixtures or (10 if cuda else 5)
@@ -156,6 +165,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     cuda = torch.device(args.device).type == "cuda"
     rows: list[dict[str, object]] = []
     for name, (_, _, compile_, dlm_backend) in MODES.items():
+        if args.modes is not None and name not in args.modes:
+            continue
         if dlm_backend == "triton" and not cuda:
             rows.append({"mode": name, "note": "skipped on CPU: the Triton kernels need CUDA"})
             continue
