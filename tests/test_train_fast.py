@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -159,12 +160,15 @@ def test_trainer_warns_and_falls_back_when_the_fast_pass_disagrees(tmp_path, mon
 
 # -- time budget ---------------------------------------------------------------------------------
 def test_time_budget_stops_then_evaluates_and_checkpoints(tmp_path: Path) -> None:
-    trainer, records = _fit(tmp_path, 10_000, log_every=1_000, time_budget=1.0)
+    launched = time.perf_counter() - 100.0  # as if the script had started 100 s ago
+    trainer, records = _fit(tmp_path, 10_000, log_every=1_000, time_budget=101.0,
+                            start_time=launched)
+    # The budget, first_step_s and wall_s all count from the launch.
+    assert records[0]["first_step_s"] > 100 and records[-1]["wall_s"] > 101
     assert trainer.stopped_by_budget and 0 < trainer.step < 10_000
     last = records[-1]
-    assert last["step"] == trainer.step and last["time_budget_s"] == 1.0
+    assert last["step"] == trainer.step and last["time_budget_s"] == 101.0
     assert "test_bpd" in last and "train_bpd" in last
-    assert records[0]["first_step_s"] > 0
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == trainer.step
     with pytest.raises(ValueError, match="time_budget"):
         trainer.fit(2, time_budget=0)
@@ -199,7 +203,8 @@ def test_script_time_budget_on_the_demo_recipe(script, tmp_path: Path, capsys) -
     assert rows[0].split(" | ")[2] == "test bits/dim"
     assert len(rows) == 2 + sum("test_bpd" in r for r in records)
     assert f"| {records[-1]['test_bpd']:.4f} | fp32 |" in rows[-1]
-    assert "time budget 0.05 min spent: training stopped at step" in text
+    assert "time budget 3 s spent: training stopped at step" in text
+
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("20m", 1200),

@@ -536,8 +536,9 @@ class Trainer:
             time_budget: Seconds of wall time after ``start_time`` at which training stops
                 (``None``: no budget). Evaluation, samples and the checkpoint of the last
                 step come after it.
-            start_time: A ``time.perf_counter()`` value the budget and ``first_step_s`` count
-                from, e.g. taken at launch (default: when this trainer was constructed).
+            start_time: A ``time.perf_counter()`` value before this trainer was constructed,
+                e.g. taken at launch, from which the budget, ``first_step_s`` and this
+                session's part of ``wall_s`` count (default: when the trainer was constructed).
 
         Before the first step: the test images are checked (dtype, shape, channels, levels
         within ``[0, model.bins - 1]``, at least one image), and stale temporary files of an
@@ -558,7 +559,9 @@ class Trainer:
         check_int(log_every, "log_every", 1)
         if time_budget is not None and (isinstance(time_budget, bool) or not time_budget > 0):
             raise ValueError(f"time_budget must be a number of seconds > 0 or None, got {time_budget!r}")
-        start = self._session_start if start_time is None else float(start_time)
+        if start_time is not None:  # wall_s (and the budget) count from then, e.g. launch
+            self._session_start = min(self._session_start, float(start_time))
+        start = self._session_start
         deadline = None if time_budget is None else start + float(time_budget)
         self.stopped_by_budget = False
         first_step_s: float | None = None

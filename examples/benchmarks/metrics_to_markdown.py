@@ -106,8 +106,9 @@ def notes_of(records: list[dict[str, Any]], settings: dict[str, Any]) -> list[st
         )
     stop = next((r for r in records if r.get("time_budget_s") is not None), None)
     if stop is not None:
-        notes.append(f"time budget {stop['time_budget_s'] / 60:g} min spent: training stopped "
-                     f"at step {stop['step']}")
+        budget = stop["time_budget_s"]
+        shown = f"{budget / 60:g} min" if budget >= 60 else f"{budget:g} s"
+        notes.append(f"time budget {shown} spent: training stopped at step {stop['step']}")
     return notes
 
 
