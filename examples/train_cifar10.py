@@ -3,8 +3,9 @@
 With no arguments this is the demo (``make demo``): a tiny PixelCNN++ with the discretized
 logistic mixture head trained for a few minutes on CPU on the bundled 1,000-image CIFAR-10
 subset, then test bits/dim on the 250 bundled test images and a PNG grid of 4 samples
-(measured at the commit that states this: 2 min 41 s and 2 min 48 s in two runs on one core of
-the 2-core dev machine while other jobs ran, test 4.3174 bits/dim in both; torch 2.13 CPU).
+(measured at the commit that states this: 2 min 34 s on one core of the 2-core dev machine
+while other jobs ran, test 4.3239 bits/dim, first step 2.7 s after launch; torch 2.13 CPU;
+before the fused CPU Adam update: 2 min 41 s and 2 min 48 s, 4.3174).
 A tiny model trained for minutes is far from the paper's 2.92 bits/dim; the demo shows the
 pipeline working end to end, honestly measured.
 
@@ -27,8 +28,12 @@ value can be overridden by its flag):
   about 400 MiB per image in fp32 (measured on CPU), so batch 128 needs roughly 50 GiB in fp32
   and less under bf16: it fits an 80 GB H100. On a smaller GPU pass ``--batch-size 64``; the
   learning rate is then scaled by sqrt(64/128) unless ``--lr`` is given. The test set is
-  evaluated every 5 epochs (openai: every epoch, on 8 GPUs): a float32 pass over 10,000
-  images costs a sizeable fraction of a bf16 training epoch.
+  evaluated every 5 epochs (openai: every epoch, on 8 GPUs), intermediate passes in bf16
+  (checked against float32 once; the final pass is float32). Compilation is regional (each
+  gated residual block once) and the EMA warms up (``--ema-warmup``).
+* ``gpu-20min``: the paper model for a 20-minute budget (``--time-budget 20m`` from launch),
+  batch 64, a warm-up + cosine learning-rate schedule, EMA decay 0.999 with warm-up. The
+  values are reasoned, not yet tried on a GPU (see the CIFAR-10 guide).
 * ``demo``: the no-argument CPU run described above.
 
 Test bits/dim is always computed over the whole test split, in float32 (no autocast, no TF32),
@@ -46,9 +51,12 @@ Examples::
 Outputs in ``--out`` (default ``runs/cifar10-<recipe>``; with ``--resume FILE`` and no
 ``--out``, FILE's directory; output paths come only from the command line, never from a
 checkpoint): ``metrics.jsonl`` (one JSON record per log step: step, train_bpd, test_bpd,
-images_per_s, lr, wall_s), ``checkpoint.pt`` (model, EMA, optimiser, scheduler, RNG states,
-batch position, step, the metrics window, the model spec and a SHA-256 digest checked on
-load; written atomically), ``samples_step<N>.png`` and ``settings.json``. Reload a trained
+images_per_s, lr, wall_s since launch; first_step_s in the first, test_precision and test_s
+with each test figure, time_budget_s when the budget stopped training), ``checkpoint.pt``
+(model, EMA, optimiser, scheduler, RNG states, batch position, step, the metrics window, the
+model spec and a SHA-256 digest checked on load; written atomically), ``samples_step<N>.png``,
+``settings.json`` and ``environment.json`` (device, torch version: for
+``examples/benchmarks/metrics_to_markdown.py``). Reload a trained
 model with ``discretelik.AutoregressiveModel.from_checkpoint(path)``.
 
 Exit status: 0 on success; 2 with one ``error: ...`` line for a mistake in the flags, the
