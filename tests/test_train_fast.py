@@ -327,3 +327,19 @@ def test_benchmark_modes_subset() -> None:
     bad = subprocess.run([*cmd, "--modes", "bf16"], capture_output=True, text=True, timeout=60,
                          check=False)
     assert bad.returncode == 2 and "--modes: unknown ['bf16']" in bad.stderr
+
+
+def test_evaluation_benchmark_fragment(tmp_path: Path) -> None:
+    bench = ROOT / "examples" / "benchmarks" / "evaluation.py"
+    out = tmp_path / "evaluation.md"
+    proc = subprocess.run([sys.executable, str(bench), "--device", "cpu", "--threads", "1",
+                           "--batch-sizes", "250", "--markdown", str(out)],
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    text = out.read_text()
+    assert [line for line in text.splitlines() if line.startswith("| ")] == printed
+    cells = {line.split(" | ")[0][2:]: line.split(" | ") for line in printed[2:]}
+    assert set(cells) == {"fp32", "tf32", "bf16"} and "skipped on CPU" in cells["tf32"][-1]
+    assert cells["fp32"][3] == "+0.0e+00"
+    assert abs(float(cells["bf16"][3])) < 1e-3 and cells["bf16"][2] != cells["fp32"][2]
