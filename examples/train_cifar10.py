@@ -463,12 +463,13 @@ def train(args: argparse.Namespace, dist: Any) -> dict[str, Any]:
     if ckpt is not None:
         # The optimiser, scheduler, EMA and batch-order states of the checkpoint bring these
         # back whatever the flags say: refuse a change rather than ignore it silently.
-        changed = [k for k in RESTORED_ON_RESUME if s[k] != base.get(k)]
+        saved = dict(LATER_SETTINGS, **base)  # an older checkpoint: the defaults it ran with
+        changed = [k for k in RESTORED_ON_RESUME if s[k] != saved.get(k)]
         if changed:
             raise ValueError(
                 f"{', '.join('--' + k.replace('_', '-') for k in changed)} cannot be changed on "
                 f"resume: the checkpoint's optimiser/EMA state restores "
-                + ", ".join(f"{k}={base.get(k)!r}" for k in changed)
+                + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
             )
     elif (s["steps"] is not None and s["steps"] < 1) or (s["steps"] is None and s["epochs"] < 1):
         raise ValueError(f"--steps/--epochs must be >= 1 for a new run, got steps={s['steps']}, "

@@ -343,3 +343,20 @@ def test_evaluation_benchmark_fragment(tmp_path: Path) -> None:
     assert set(cells) == {"fp32", "tf32", "bf16"} and "skipped on CPU" in cells["tf32"][-1]
     assert cells["fp32"][3] == "+0.0e+00"
     assert abs(float(cells["bf16"][3])) < 1e-3 and cells["bf16"][2] != cells["fp32"][2]
+
+
+def test_resume_a_checkpoint_from_before_the_new_settings(script, tmp_path: Path) -> None:
+    from discretelik.train import save_checkpoint
+
+    out = tmp_path / "run"
+    args = ["--recipe", "demo", "--device", "cpu", "--no-progress", "--out", str(out),
+            "--samples", "0", "--log-every", "1", "--init-batch-size", "8", "--batch-size", "8"]
+    script.main([*args, "--steps", "2"])
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    for key in script.LATER_SETTINGS:  # as written before these settings existed
+        ckpt["settings"].pop(key, None)
+    ckpt.pop("digest", None)
+    save_checkpoint(ckpt, out / "checkpoint.pt")
+    final = script.main(["--resume", str(out / "checkpoint.pt"), "--steps", "3", "--device",
+                         "cpu", "--no-progress", "--samples", "0"])
+    assert final["step"] == 3 and read_metrics(out / "metrics.jsonl")[-1]["step"] == 3
