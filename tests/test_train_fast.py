@@ -254,7 +254,17 @@ def test_trainer_uses_the_cosine_schedule() -> None:
 
 
 # -- compilation ---------------------------------------------------------------------------------
-def test_regional_compile_compiles_each_gated_resnet_and_keeps_the_function() -> None:
+@pytest.fixture
+def keep_validation():
+    """Dynamo turns torch.distributions' default validation off process-wide the first time it
+    compiles anything (torch/_dynamo/eval_frame.py, TorchPatcher.patch): restore it for the
+    tests that follow, whose value checks follow that default."""
+    saved = torch.distributions.Distribution._validate_args
+    yield
+    torch.distributions.Distribution.set_default_validate_args(saved)
+
+
+def test_regional_compile_compiles_each_gated_resnet_and_keeps_the_function(keep_validation) -> None:
     model = tiny(nr_resnet=2)
     x = torch.randint(0, 256, (2, 3, 8, 8))
     expected = model.bits_per_dim(x).detach()
