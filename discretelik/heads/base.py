@@ -46,7 +46,10 @@ class DiscreteImageDistribution(Distribution, abc.ABC):
     levels outside ``[0, bins - 1]``. With it off nothing reads the tensors' contents (no GPU
     synchronisation): a NaN parameter then gives NaN log-probabilities, an infinite one gives
     undefined results (NaN or a meaningless finite number), and ``sample`` may return any level
-    for the affected sub-pixels. Types and shapes are always checked.
+    for the affected sub-pixels. Types and shapes are always checked. Note that the first
+    ``torch.compile`` call in a process turns torch's global default off (torch's own choice,
+    when its compiler initialises), so after it ``None`` means no value checks; pass
+    ``validate_args=True`` to keep them in eager code.
 
     **Log-likelihood implementations.** ``log_prob_backend`` picks one of the family's entries
     in ``log_prob_backends`` (a table of
