@@ -201,7 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     a("--data", help="CIFAR-10: a cifar-10-batches-py dir, a dir of data_batch_N.npz, or a .npz "
                      "with x_train/y_train/x_test/y_test (default: the bundled subset, demo)")
-    a("--download", action="store_true", help="fetch CIFAR-10 into --data with torchvision")
+    a("--download", action="store_true",
+      help="fetch the official CIFAR-10 archive into --data (MD5-checked)")
     a("--recipe", choices=sorted(RECIPES), help="demo without --data; gpu on one CUDA device; "
                                                 "else paper")
     a("--out", help="output directory (default runs/cifar10-<recipe>)")
