@@ -30,27 +30,25 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
 
 
 @contextlib.contextmanager
-def full_float32() -> Iterator[None]:
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls and convolutions on or off inside the context, then as before."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def full_float32() -> contextlib.AbstractContextManager:
     """Disable TF32 for CUDA matmuls and convolutions inside the context (true float32)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return _tf32(False)
 
 
-@contextlib.contextmanager
-def allow_tf32() -> Iterator[None]:
+def allow_tf32() -> contextlib.AbstractContextManager:
     """Enable TF32 for CUDA matmuls and convolutions inside the context (no-op on CPU)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return _tf32(True)
 
 
 def eval_precision_context(
