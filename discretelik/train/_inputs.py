@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_labels", "check_levels_for_model"]
+__all__ = ["check_images", "check_images_for_model", "check_labels", "check_levels_for_model"]
 
 
 def check_images(images: object, name: str) -> Tensor:
@@ -32,6 +32,24 @@ def check_labels(labels: object, n: int, name: str) -> Tensor:
     if tuple(labels.shape) != (n,):
         raise ValueError(f"{name} must have shape ({n},), got {tuple(labels.shape)}")
     return labels
+
+
+def check_images_for_model(
+    images: object, model: object, name: str, nonempty: bool = False
+) -> Tensor:
+    """``check_images``, then the model's channel count, at least one image where
+    ``nonempty``, and ``check_levels_for_model`` (the one read of the tensor)."""
+    images = check_images(images, name)
+    if nonempty and images.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one image, got shape {tuple(images.shape)}")
+    channels = int(model.channels)  # type: ignore[attr-defined]
+    if images.shape[1] != channels:
+        raise ValueError(
+            f"{name} must have {channels} channels for this model, got shape "
+            f"{tuple(images.shape)}"
+        )
+    check_levels_for_model(images, model, name)
+    return images
 
 
 def check_levels_for_model(images: Tensor, model: object, name: str) -> None:

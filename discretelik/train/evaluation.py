@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .._checks import check_int
 from ..model import AutoregressiveModel
-from ._inputs import check_images, check_labels, check_levels_for_model
+from ._inputs import check_images_for_model, check_labels
 from .distributed import DistInfo, all_reduce_sum
 from .precision import EVAL_PRECISIONS, eval_precision_context
 
@@ -63,18 +63,8 @@ def evaluate_bpd(
     """
     if precision not in EVAL_PRECISIONS:
         raise ValueError(f"precision must be one of {list(EVAL_PRECISIONS)}, got {precision!r}")
-    check_images(images, "images")
+    check_images_for_model(images, model, "images", nonempty=True)
     n = images.shape[0]
-    if n == 0:
-        raise ValueError(
-            f"images must hold at least one image to evaluate, got shape {tuple(images.shape)}"
-        )
-    if images.shape[1] != model.channels:
-        raise ValueError(
-            f"images must have {model.channels} channels for this model, got shape "
-            f"{tuple(images.shape)}"
-        )
-    check_levels_for_model(images, model, "images")
     if labels is not None:
         check_labels(labels, n, "labels")
     check_int(batch_size, "batch_size", 1)

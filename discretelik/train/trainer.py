@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..model import AutoregressiveModel
-from ._inputs import check_images, check_labels, check_levels_for_model
+from ._inputs import check_images_for_model, check_labels
 from ._io import remove_stale_temp_files
 from .batches import RandomBatches
 from .checkpoint import (
@@ -104,14 +104,8 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if not isinstance(model, AutoregressiveModel):
             raise TypeError(f"model must be an AutoregressiveModel, got {type(model).__name__}")
-        check_images(images, "images")
-        if images.shape[1] != model.channels:
-            raise ValueError(
-                f"images must have {model.channels} channels for this model, got shape "
-                f"{tuple(images.shape)}"
-            )
-        # Once here, not per step (that would synchronise a GPU): the loss does not check.
-        check_levels_for_model(images, model, "images")
+        # Levels once here, not per step (that would synchronise a GPU): the loss does not check.
+        check_images_for_model(images, model, "images")
         if config.conditional:
             if labels is None:
                 raise ValueError("labels must be given when config.conditional is true")
@@ -681,16 +675,7 @@ class Trainer:
         return bool(over > 0)
 
     def _check_test_data(self, images: Tensor, labels: Tensor | None) -> None:
-        check_images(images, "test_images")
-        if images.shape[0] == 0:
-            raise ValueError("test_images must hold at least one image, got shape "
-                             f"{tuple(images.shape)}")
-        if images.shape[1] != self.model.channels:
-            raise ValueError(
-                f"test_images must have {self.model.channels} channels for this model, got "
-                f"shape {tuple(images.shape)}"
-            )
-        check_levels_for_model(images, self.model, "test_images")
+        check_images_for_model(images, self.model, "test_images", nonempty=True)
         if self.config.conditional:
             if labels is None:
                 raise ValueError("test_labels must be given when config.conditional is true")
