@@ -94,29 +94,34 @@ def lean_elementwise_log_prob(
     if components_per_step is None:
         components_per_step = _STEP_ELEMENTS // max(1, value.numel())
     step = max(1, min(layout.mixtures, components_per_step))
-    steps = Steps(family, layout, bins, min_log_scale, step)
+    steps = Steps(family, layout, bins, min_log_scale, step, params.device)
     return LeanMixtureLogProb.apply(params, value, steps)
 
 
 class Steps:
     """The loop over components and one step's log bin masses, from the formula.
 
-    Holds only options (no tensors), since autograd keeps it until backward.
+    Holds options and the small parameter-channel index tables (on the parameters' device,
+    built once per call), since autograd keeps it until backward.
     """
 
     def __init__(
         self, family: type[Family], layout: MixtureLayout, bins: int, min_log_scale: float,
-        step: int,
+        step: int, device: torch.device,
     ) -> None:  # fmt: skip
         self.family, self.layout, self.bins = family, layout, bins
         self.min_log_scale, self.step = min_log_scale, step
         loc, log_scale, coeff = layout._block_starts()
-        k = torch.arange(layout.mixtures)[:, None]
+        k = torch.arange(layout.mixtures, device=device)[:, None]
         # (K, C) / (K, C) / (K, M) parameter channels of component k; without coefficients
         # (no coupling, or one channel) nothing depends on that block.
-        self.indices = [torch.tensor(loc) + k, torch.tensor(log_scale) + k]
+        self.indices = [
+            torch.tensor(loc, device=device) + k,
+            torch.tensor(log_scale, device=device) + k,
+        ]
         if layout.coefficients:
-            self.indices.append(torch.tensor(coeff, dtype=torch.long).reshape(1, -1) + k)
+            coeff_rows = torch.tensor(coeff, dtype=torch.long, device=device).reshape(1, -1)
+            self.indices.append(coeff_rows + k)
 
     def slices(self) -> list[slice]:
         """The components ``0 .. K - 1`` in slices of ``step``."""
@@ -128,14 +133,14 @@ class Steps:
         ``batch + (k, X, H, W)``."""
         out = []
         for index in self.indices:
-            rows = index[ks].to(params.device)
+            rows = index[ks]
             out.append(params.index_select(-3, rows.flatten()).unflatten(-3, rows.shape))
         return out
 
     def put(self, out: Tensor, ks: slice, grads: list[Tensor]) -> None:
         """Write the gradients of ``gather``'s tensors into the channels of ``out``."""
         for index, g in zip(self.indices, grads):
-            rows = index[ks].to(out.device)
+            rows = index[ks]
             out.index_copy_(-3, rows.flatten(), g.flatten(-4, -3))
 
     def log_mass(self, bins: Any, loc: Tensor, raw_ls: Tensor, *raw_coeff: Tensor) -> Tensor:
